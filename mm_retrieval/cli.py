@@ -1,0 +1,186 @@
+"""The ``mmr`` command line: a thin layer over :class:`mm_retrieval.pipeline.Pipeline`.
+
+``--json`` output is one JSON document on stdout; human output, logs and progress bars go to
+stderr. Errors become one line on stderr and an exit code (2: bad input, 1: failure).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from .errors import MMRError
+
+log = logging.getLogger("mm_retrieval")
+
+
+def _echo(text: str = "") -> None:
+    click.echo(text, err=True)
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, ensure_ascii=False))
+
+
+def common_options(fn: Callable) -> Callable:
+    """--db, --collection, --token, --model, --pretrained, --device, --config."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Pipeline TOML file; flags override it."),
+        click.option("--db", help="Milvus URI: a file for embedded Milvus Lite (default ./mmr.db), http://host:19530, or a cloud URI."),
+        click.option("--token", envvar="MMR_MILVUS_TOKEN", help="Milvus token (user:password or API key) [env MMR_MILVUS_TOKEN]."),
+        click.option("--collection", help="Collection name (default: images)."),
+        click.option("--model", help="open_clip architecture, hf-hub:org/repo, a model dir from train-encoder, or a config JSON. Default: the collection's model, else ViT-B-32."),
+        click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none'."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where models run (default: auto)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _pipeline(opts: dict[str, Any], **extra: Any):
+    from .pipeline import Pipeline
+
+    return Pipeline(
+        opts.get("config_file"), db=opts.get("db"), collection=opts.get("collection"), token=opts.get("token"),
+        model=opts.get("model"), pretrained=opts.get("pretrained"), device=opts.get("device"), **extra,
+    )
+
+
+def _pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("config_file", "db", "token", "collection", "model", "pretrained", "device")
+    return {k: kwargs.pop(k) for k in keys}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="mm-retrieval")
+def cli(verbose: int) -> None:
+    """mm_retrieval: text-to-image search with CLIP embeddings in Milvus and a cross-attention reranker.
+
+    \b
+    Typical use:
+      mmr index ~/Pictures                     # embed and store a folder (or a .csv/.parquet/.jsonl table)
+      mmr search "a dog on a beach" --k 5      # search it
+      mmr plugins                              # every stage that can be used
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=False))
+@common_options
+@click.option("--batch-size", type=int, help="Images per forward pass (default 64).")
+@click.option("--workers", type=int, help="Decoding processes (default 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
+    """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
+
+    A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
+    columns are kept as metadata you can --filter on. Re-running is safe: unchanged files are
+    skipped, changed files replace their old entry, unreadable files are listed and skipped.
+    """
+    opts = _pop_common(kwargs)
+    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers})
+    report = pipe.index(source, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    _echo(
+        f"indexed {report.indexed}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
+        f"replaced {report.replaced}, moved {report.moved}, skipped {report.skipped} in {report.seconds:.1f}s "
+        f"-> collection {pipe.store.name!r} ({pipe.store.count()} items)"
+    )
+    for f in report.failed[:50]:
+        _echo(f"  skipped {f.path}: {f.error}")
+    if report.skipped > 50:
+        _echo(f"  ... and {report.skipped - 50} more (use --json for the full list)")
+
+
+@cli.command()
+@click.argument("query")
+@common_options
+@click.option("--k", type=int, help="Number of hits (default 10).")
+@click.option("--candidates", type=int, help="First-stage candidates the reranker rescores (default 100).")
+@click.option("--filter", "filter_", default="", help='Milvus filter expression, e.g. \'metadata["year"] >= 2020\'.')
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (from train-reranker).")
+@click.option("--no-rerank", is_flag=True, help="First stage only, even if the config names a reranker.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as one JSON document on stdout.")
+def search(query: str, k: int | None, candidates: int | None, filter_: str, rerank_path: str | None, no_rerank: bool, as_json: bool, **kwargs: Any) -> None:
+    """Text-to-image search for QUERY."""
+    from .pipeline import validate_query
+
+    validate_query(query)  # fail before loading any model
+    opts = _pop_common(kwargs)
+    pipe = _pipeline(opts, reranker=rerank_path)
+    result = pipe.search(query, k=k, candidates=candidates, filter=filter_, rerank=False if no_rerank else None)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    stage = "reranked" if result.reranked else "first stage"
+    _echo(f"{len(result.hits)} hits for {result.query!r} ({stage}, {result.timings_ms['total']:.0f} ms)")
+    for h in result.hits:
+        extra = f"  retrieval {h.retrieval_score:.3f}" if result.reranked else ""
+        cap = f"  \"{h.caption}\"" if h.caption else ""
+        _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path}{cap}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+def plugins(as_json: bool) -> None:
+    """Every registered stage (kind, name, origin) and plugins that failed to load."""
+    from . import registry
+
+    entries = registry.list_stages(load=True)
+    errors = registry.load_errors()
+    if as_json:
+        _emit_json({
+            "stages": [{"kind": e.kind, "name": e.name, "origin": e.origin, "target": e.target, "error": e.error} for e in entries],
+            "errors": [{"entry_point": e.entry_point, "origin": e.origin, "error": e.error} for e in errors],
+        })
+        return
+    width = max((len(f"{e.kind}/{e.name}") for e in entries), default=10)
+    for e in entries:
+        status = f"  FAILED: {e.error}" if e.error else ""
+        _echo(f"{e.kind + '/' + e.name:<{width}}  {e.origin:<16} {e.target}{status}")
+    for err in errors:
+        if not any(f"{e.kind}/{e.name}" == err.entry_point for e in entries):
+            _echo(f"plugin {err.entry_point} ({err.origin}) failed to load: {err.error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmr`` console script; returns the exit code."""
+    try:
+        cli.main(args=argv, prog_name="mmr", standalone_mode=False)
+    except click.exceptions.Abort:
+        _echo("aborted")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except MMRError as e:
+        _echo(f"error: {e}")
+        if os.environ.get("MMR_DEBUG"):
+            raise
+        return e.exit_code
+    except KeyboardInterrupt:
+        _echo("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())

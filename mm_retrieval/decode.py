@@ -1,0 +1,151 @@
+"""Reading and decoding image files safely, in DataLoader workers.
+
+Every file is read once: its bytes give the content id (so re-indexing is idempotent and a
+moved file keeps its id) and, unless the id is already indexed, are decoded and preprocessed.
+Anything that goes wrong becomes a reason string on the item, never an exception that would
+stop the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+)
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are almost always decompression bombs
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class DecodeError(Exception):
+    """Why a file can't be used; the message is shown to the user next to the path."""
+
+
+def content_hash(data: bytes) -> str:
+    """Full sha256 hex digest of the file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def item_id(digest: str) -> str:
+    """The item id derived from a content hash (128 bits: collisions are not a concern)."""
+    return digest[:32]
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Bytes -> PIL image (first frame, EXIF orientation applied). Raises DecodeError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    f"image too large: {w}x{h} = {w * h:,} pixels (limit {max_pixels:,}; "
+                    "raise max_pixels in the encoder config if this is a real image)"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image too large (decompression bomb): {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise DecodeError(f"image too large (decompression bomb): {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # PIL raises a zoo of types on hostile input
+        raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+    if w == 0 or h == 0:
+        raise DecodeError("image has zero width or height")
+    return im
+
+
+@dataclass
+class DecodedItem:
+    """One file after the worker looked at it. Exactly one of: ``pixels`` set, ``known``
+    (already indexed, not decoded), or ``error``."""
+
+    pos: int  # position in the caller's record list
+    path: str
+    id: str = ""
+    digest: str = ""
+    pixels: Any = None
+    decoded: bool = False  # pixels were produced (they travel in the batch tensor)
+    known: bool = False
+    error: str | None = None
+
+
+class ImageFileDataset:
+    """A map-style dataset over file paths for ``torch.utils.data.DataLoader``.
+
+    ``known_ids``: ids already indexed; their files are hashed but not decoded.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        transform: Callable[[Any], Any],
+        *,
+        known_ids: frozenset[str] = frozenset(),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ):
+        self.paths = paths
+        self.transform = transform
+        self.known_ids = known_ids
+        self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, pos: int) -> DecodedItem:
+        path = self.paths[pos]
+        item = DecodedItem(pos, path)
+        try:
+            size = Path(path).stat().st_size
+            if size > self.max_file_bytes:
+                raise DecodeError(f"file too large: {size:,} bytes (limit {self.max_file_bytes:,})")
+            data = Path(path).read_bytes()
+        except DecodeError as e:
+            item.error = str(e)
+            return item
+        except OSError as e:
+            item.error = f"cannot read file: {e.strerror or e}"
+            return item
+        item.digest = content_hash(data)
+        item.id = item_id(item.digest)
+        if item.id in self.known_ids:
+            item.known = True
+            return item
+        try:
+            image = decode_image(data, max_pixels=self.max_pixels)
+            item.pixels = self.transform(image)
+            item.decoded = True
+        except DecodeError as e:
+            item.error = str(e)
+        except Exception as e:  # a transform failing on odd modes must not stop the run
+            item.error = f"cannot preprocess image: {type(e).__name__}: {e}"
+        return item
+
+
+def collate_items(items: list[DecodedItem]) -> tuple[list[DecodedItem], Any]:
+    """Keep every item (for reporting) and stack the pixels of decoded ones."""
+    import torch
+
+    ok = [it.pixels for it in items if it.pixels is not None]
+    pixels = torch.stack(ok) if ok else None
+    for it in items:
+        it.pixels = None  # the stacked tensor carries them; don't ship twice
+    return items, pixels

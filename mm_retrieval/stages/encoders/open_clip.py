@@ -1,0 +1,306 @@
+"""Encoder ``open_clip``: any open_clip dual encoder.
+
+``model`` may be an architecture name (``ViT-B-32``, or a tiny ``mmr-*`` config shipped here),
+an ``hf-hub:org/repo`` name, a directory written by ``mmr train-encoder`` (open_clip's own
+hub layout, loaded through its ``local-dir:`` schema) or a model-config JSON file.
+``pretrained`` is an open_clip tag, a local checkpoint file, ``"none"`` for seeded random
+weights, or unset for the architecture's default tag.
+
+Embeddings equal open_clip's own ``preprocess`` + ``encode_image``/``encode_text`` (L2-normalised);
+the same forward pass also yields the token features the reranker caches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...decode import DEFAULT_MAX_PIXELS
+from ...errors import ConfigError, ModelLoadError
+from ...registry import register
+from ..base import Encoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-32"
+# The tag a user gets when they name an architecture but no weights.
+DEFAULT_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-B-16": "laion2b_s34b_b88k", "ViT-L-14": "laion2b_s32b_b82k"}
+NO_WEIGHTS = ("none", "random")
+
+
+@dataclass(frozen=True)
+class OpenClipConfig:
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None  # None: the architecture's default tag; "none": seeded random init
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 64
+    workers: int = 2  # DataLoader processes decoding images while the model runs
+    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
+    cache_dir: str | None = None  # where downloaded weights go (open_clip's default when unset)
+    seed: int = 0  # makes random-init weights reproducible across processes
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; a CUDA request without CUDA is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Cheap identity of a (possibly multi-GB) weights file: size + first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+@register("encoder", "open_clip")
+class OpenClipEncoder(Encoder):
+    """An open_clip model as an encoder stage."""
+
+    Config = OpenClipConfig
+
+    # ---- resolution (cheap, no weights loaded) -------------------------------------------
+    @cached_property
+    def _resolved(self) -> tuple[str, str | None, str]:
+        """(open_clip model name, pretrained argument, weights identity)."""
+        import open_clip
+
+        from ...models.tiny import register_tiny_configs
+
+        register_tiny_configs()
+        model, pretrained = self.config.model, self.config.pretrained
+        p = Path(model).expanduser()
+        if model.startswith(("hf-hub:", "local-dir:")):
+            if model.startswith("local-dir:"):
+                return self._local_dir(Path(model[len("local-dir:"):]))
+            return model, None, model
+        if p.is_dir():
+            return self._local_dir(p)
+        if p.suffix == ".json" and p.is_file():
+            open_clip.add_model_config(p)
+            model = p.stem
+        elif model not in open_clip.list_models():
+            close = difflib.get_close_matches(model, open_clip.list_models(), n=5, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown model {model!r}: not an open_clip architecture, an hf-hub: name, a model directory "
+                f"or a model-config JSON file.{hint} See open_clip.list_models() for architectures."
+            )
+        if pretrained is None:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            pretrained = DEFAULT_PRETRAINED.get(model) or (tags[0] if tags else "none")
+        if pretrained.lower() in NO_WEIGHTS:
+            return model, None, f"random-init/seed{self.config.seed}"
+        wp = Path(pretrained).expanduser()
+        if wp.is_file():
+            return model, str(wp.resolve()), f"file/{_file_digest(wp)}"
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise ConfigError(f"pretrained weights file not found: {pretrained}")
+            listing = ", ".join(tags) or "(none: pass --pretrained PATH to a checkpoint, or --pretrained none)"
+            raise ConfigError(f"unknown pretrained tag {pretrained!r} for {model}; known tags: {listing}")
+        return model, pretrained, f"{model}/{pretrained}"
+
+    def _local_dir(self, d: Path) -> tuple[str, None, str]:
+        d = d.expanduser().resolve()
+        cfg = d / "open_clip_config.json"
+        if not cfg.is_file():
+            raise ConfigError(
+                f"{d} is not an open_clip model directory (no open_clip_config.json); "
+                "train one with `mmr train-encoder TABLE --out DIR` or pass an architecture name"
+            )
+        weights = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + sorted(d.glob("*.pth"))
+        if not weights:
+            raise ModelLoadError(f"model directory {d} has a config but no weights file (*.safetensors)")
+        ident = hashlib.sha256(cfg.read_bytes()).hexdigest()[:8] + "/" + _file_digest(weights[0])
+        return f"local-dir:{d}", None, f"local-dir/{ident}"
+
+    @cached_property
+    def fingerprint(self) -> str:  # type: ignore[override]
+        """Identifies architecture + weights; computed without loading the model."""
+        name, _, weights = self._resolved
+        arch = name if name.startswith(("hf-hub:", "local-dir:")) else json.dumps(_model_cfg(name), sort_keys=True)
+        if name.startswith("local-dir:"):
+            arch = "local-dir"  # the weights identity already covers the config file
+        return hashlib.sha256(f"{arch}|{weights}".encode()).hexdigest()[:16]
+
+    def info(self) -> dict[str, Any]:
+        """Recorded in the collection; ``model``/``pretrained`` reload the same encoder later."""
+        _, _, weights = self._resolved
+        model, pretrained = self.config.model, self.config.pretrained
+        if not model.startswith(("hf-hub:", "local-dir:")) and Path(model).expanduser().exists():
+            model = str(Path(model).expanduser().resolve())
+        if pretrained and Path(pretrained).expanduser().is_file():
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return {**super().info(), "model": model, "pretrained": pretrained, "weights": weights}
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        import open_clip
+        import torch
+
+        name, pretrained, weights = self._resolved
+        self.device = resolve_device(self.config.device)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)  # random-init weights identical in every process
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, device=self.device, cache_dir=self.config.cache_dir
+                )
+        except (ConfigError, ModelLoadError):
+            raise
+        except Exception as e:
+            raise _load_error(name, pretrained, e) from e
+        if weights.startswith("random-init"):
+            log.warning(
+                "%s has no pretrained weights: using random weights (seed %d); search results are not meaningful. "
+                "Pass --pretrained TAG_OR_PATH or --model DIR from `mmr train-encoder`.",
+                name, self.config.seed,
+            )
+        model.eval()
+        self.model = model
+        self._preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name, cache_dir=self.config.cache_dir) if name.startswith("hf-hub:") else open_clip.get_tokenizer(name)
+        with torch.inference_mode():
+            self.dim = int(model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
+        self._autocast_dtype = self._pick_precision(torch)
+        self._text_ln = _text_final_norm(model)
+
+    def _pick_precision(self, torch):
+        p = self.config.precision
+        if p == "fp32" or (p == "auto" and self.device == "cpu"):
+            return None
+        if p in ("auto", "bf16"):
+            if self.device != "cpu" and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float16 if self.device != "cpu" else torch.bfloat16
+        if p == "fp16":
+            return torch.float16
+        raise ConfigError(f"unknown precision {p!r}; use auto, fp32, bf16 or fp16")
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self._autocast_dtype)
+
+    # ---- encoding --------------------------------------------------------------------------
+    @property
+    def image_transform(self) -> Any:
+        """open_clip's own eval ``preprocess`` for this model."""
+        self.warm_up()
+        return self._preprocess
+
+    def encode_pixels(self, pixels: Any, *, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+        import torch.nn.functional as F
+
+        self.warm_up()
+        visual = self.model.visual
+        with torch.inference_mode(), self._autocast():
+            pixels = pixels.to(self.device, non_blocking=True)
+            if with_tokens:
+                if not hasattr(visual, "output_tokens"):
+                    raise ConfigError(f"{self.config.model}: its vision tower does not expose patch tokens; the reranker needs a ViT")
+                visual.output_tokens = True
+                try:
+                    pooled, tokens = visual(pixels)
+                finally:
+                    visual.output_tokens = False
+            else:
+                pooled, tokens = self.model.encode_image(pixels), None
+            emb = F.normalize(pooled.float(), dim=-1)
+        return emb.cpu().numpy(), None if tokens is None else tokens.to(torch.float16).cpu().numpy()
+
+    def tokenize(self, texts: Sequence[str]):
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        emb, _, _ = self.encode_text_tokens(texts, with_tokens=False)
+        return emb.cpu().numpy()
+
+    def encode_text_tokens(self, texts: Sequence[str], *, with_tokens: bool = True):
+        """(embeddings [N, D] float32 normalised, token features [N, L, W] or None, mask [N, L] bool)."""
+        import torch
+        import torch.nn.functional as F
+
+        self.warm_up()
+        ids = self.tokenize(texts).to(self.device)
+        captured: dict[str, Any] = {}
+        hook = None
+        if with_tokens:
+            # The final LayerNorm's output is the text tower's per-token features (before pooling);
+            # hooking it keeps encode_text exactly open_clip's own code path.
+            hook = self._text_ln.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
+        try:
+            with torch.inference_mode(), self._autocast():
+                emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+        finally:
+            if hook is not None:
+                hook.remove()
+        tokens = captured.get("tokens")
+        mask = ids != _pad_id(self.tokenizer)
+        return emb, (None if tokens is None else tokens.float()), mask
+
+
+def _model_cfg(name: str) -> dict:
+    import open_clip
+
+    return open_clip.get_model_config(name) or {}
+
+
+def _text_final_norm(model):
+    if hasattr(model, "ln_final"):
+        return model.ln_final
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "ln_final"):
+        return text.ln_final
+    return None
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None and hasattr(tokenizer, "tokenizer"):
+        pad = getattr(tokenizer.tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _load_error(name: str, pretrained: str | None, e: Exception) -> ModelLoadError:
+    text = f"{type(e).__name__}: {e}"
+    remote = name.startswith("hf-hub:") or (pretrained is not None and not Path(pretrained).is_file())
+    if remote:
+        what = name if name.startswith("hf-hub:") else f"{name} / {pretrained}"
+        return ModelLoadError(
+            f"could not fetch the weights for {what} ({text}). If this machine is offline, fetch them "
+            "on a connected machine and pass --pretrained PATH (a local checkpoint file), or --model DIR "
+            "(a directory written by `mmr train-encoder`)."
+        )
+    return ModelLoadError(f"could not load {name} with weights {pretrained}: {text}")

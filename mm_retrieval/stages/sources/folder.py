@@ -1,0 +1,50 @@
+"""Source ``folder``: every image file under a directory, recursively."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...decode import IMAGE_EXTENSIONS
+from ...errors import InputError
+from ...registry import register
+from ...types import Record
+from ..base import Source
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    path: str = "."
+    include_hidden: bool = False  # dot-folders (.thumbnails, .git) are skipped by default
+
+
+@register("source", "folder")
+class FolderSource(Source):
+    """Image files (by extension) under ``path``, sorted; symlinked folders are not followed,
+    so a symlink loop can't make the walk endless."""
+
+    Config = FolderConfig
+
+    def records(self) -> Iterator[Record]:
+        root = Path(self.config.path).expanduser()
+        if not root.is_dir():
+            raise InputError(f"not a folder: {root}")
+        root = root.resolve()
+        self._problems = []
+        found: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=self._on_error):
+            if not self.config.include_hidden:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            dirnames.sort()
+            for name in filenames:
+                if not self.config.include_hidden and name.startswith("."):
+                    continue
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(Path(dirpath) / name)
+        for p in sorted(found):
+            yield Record(path=p)
+
+    def _on_error(self, e: OSError) -> None:
+        self._problems.append((str(e.filename), f"cannot list folder: {e.strerror or e}"))

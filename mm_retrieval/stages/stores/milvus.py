@@ -1,0 +1,315 @@
+"""Store ``milvus``: one Milvus collection through pymilvus' ``MilvusClient`` only.
+
+The same code serves Milvus Lite (a local file URI, the default ``./mmr.db``), a Milvus server
+(``http://host:19530``) and a managed cloud (URI + token). Vectors are L2-normalised, so the
+default metric ``IP`` is cosine similarity. The collection remembers the encoder that built it
+(a collection property), and refuses vectors from another one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import IncompatibleError, InputError, StoreError
+from ...registry import register
+from ...types import Hit
+from ..base import Store, batched
+
+log = logging.getLogger(__name__)
+
+ENCODER_PROPERTY = "mmr.encoder"
+SCHEMA_VERSION = "1"
+MAX_PATH = 4096
+MAX_TEXT = 65535
+ROW_FIELDS = ["id", "path", "content_hash", "caption", "metadata", "file_size", "mtime_ns"]
+HIT_FIELDS = ["path", "caption", "metadata"]
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    uri: str = "./mmr.db"  # a file path (Milvus Lite), http(s)://host:port, or a cloud endpoint
+    token: str | None = None  # "user:password" or an API key for servers that need one
+    collection: str = "images"
+    index_type: str = "AUTOINDEX"  # Milvus picks per deployment; HNSW, IVF_FLAT, FLAT ... also work
+    metric: str = "IP"  # IP == cosine on normalised vectors; COSINE and L2 also accepted
+    index_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"M": 16, "efConstruction": 200}
+    search_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"ef": 128}
+    insert_batch: int = 512
+    timeout: float = 30.0  # seconds for connecting and for each call
+    index_wait: float = 120.0  # seconds search waits for a server to finish building the index
+
+
+def is_local_uri(uri: str) -> bool:
+    return "://" not in uri
+
+
+@register("store", "milvus")
+class MilvusStore(Store):
+    """A Milvus collection of items: id, vector, path, content hash, caption, metadata (JSON)."""
+
+    Config = MilvusConfig
+
+    # ---- connection ------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        from pymilvus import MilvusClient
+
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # we raise our own errors
+        # Milvus Lite serves in-process and logs calls it doesn't implement (harmless ones, such as
+        # the timestamp request create_collection makes) as errors on this logger.
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        uri = self.config.uri
+        if is_local_uri(uri):
+            path = Path(uri).expanduser()
+            # Milvus Lite keeps its data in a folder at this path; refuse to take over any other folder
+            if path.is_dir() and any(path.iterdir()) and not (path / "collections").exists():
+                raise InputError(f"--db {uri} is a folder that is not a Milvus Lite database; give a new path such as {path / 'mmr.db'}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            uri = str(path.resolve())
+        try:
+            self.client = MilvusClient(uri=uri, token=self.config.token or "", timeout=self.config.timeout)
+        except Exception as e:
+            raise StoreError(
+                f"cannot connect to Milvus at {self.config.uri}: {_short(e)}. For a server, check it is running "
+                "and reachable (see docker-compose.yml); for a local database pass a file path such as --db ./mmr.db",
+                retriable=True,
+            ) from e
+        self._index_ready = False
+
+    @property
+    def name(self) -> str:
+        return self.config.collection
+
+    @property
+    def local_path(self) -> Path | None:
+        """The Milvus Lite file, or None for a server URI."""
+        return Path(self.config.uri).expanduser().resolve() if is_local_uri(self.config.uri) else None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, StoreError):
+            raise
+        except Exception as e:
+            raise StoreError(f"Milvus {what} failed on collection {self.name!r} at {self.config.uri}: {_short(e)}", retriable=_retriable(e)) from e
+
+    # ---- collection lifecycle --------------------------------------------------------------
+    def exists(self) -> bool:
+        self.warm_up()
+        return bool(self._call("has_collection", self.client.has_collection, self.name))
+
+    def encoder_info(self) -> dict[str, Any] | None:
+        """What the collection recorded about the encoder that built it (None if absent)."""
+        if not self.exists():
+            return None
+        desc = self._call("describe_collection", self.client.describe_collection, self.name)
+        raw = (desc.get("properties") or {}).get(ENCODER_PROPERTY)
+        return json.loads(raw) if raw else None
+
+    def require(self) -> None:
+        """Raise a clear error if the collection does not exist."""
+        if not self.exists():
+            raise InputError(
+                f"collection {self.name!r} does not exist in {self.config.uri}; index some images first with "
+                "`mmr index FOLDER_OR_TABLE` (or pass the right --db / --collection)"
+            )
+
+    def check_compatible(self, encoder_info: dict[str, Any]) -> None:
+        """Refuse an encoder other than the one that built this collection."""
+        stored = self.encoder_info()
+        if stored is None:
+            return
+        if stored.get("fingerprint") != encoder_info.get("fingerprint") or stored.get("dim") != encoder_info.get("dim"):
+            raise IncompatibleError(
+                f"collection {self.name!r} was built with model {_describe(stored)}, "
+                f"but the current model is {_describe(encoder_info)}. Vectors from different models can't be "
+                "compared: use the collection's model (omit --model to use it), or index into another --collection."
+            )
+
+    def ensure_collection(self, encoder_info: dict[str, Any]) -> None:
+        """Create the collection for this encoder if needed; refuse one built by another encoder."""
+        if self.exists():
+            self.check_compatible(encoder_info)
+            self._load()
+            return
+        from pymilvus import DataType, MilvusClient
+
+        dim = int(encoder_info["dim"])
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("caption", DataType.VARCHAR, max_length=MAX_TEXT)
+        schema.add_field("metadata", DataType.JSON)
+        # size + mtime let a re-run skip unchanged files without reading them
+        schema.add_field("file_size", DataType.INT64)
+        schema.add_field("mtime_ns", DataType.INT64)
+        index = self.client.prepare_index_params()
+        index.add_index(
+            field_name="vector", index_type=self.config.index_type, metric_type=self.config.metric, params=dict(self.config.index_params)
+        )
+        props = {ENCODER_PROPERTY: json.dumps(encoder_info, sort_keys=True), "mmr.schema": SCHEMA_VERSION}
+        self._call(
+            "create_collection", self.client.create_collection,
+            self.name, schema=schema, index_params=index, consistency_level="Strong", properties=props,
+        )
+        if self.encoder_info() is None:  # older servers ignore properties at creation
+            self._call("alter_collection_properties", self.client.alter_collection_properties, self.name, properties=props)
+        self._load()
+
+    def _load(self) -> None:
+        self._call("load_collection", self.client.load_collection, self.name)
+
+    def drop(self) -> None:
+        if self.exists():
+            self._call("drop_collection", self.client.drop_collection, self.name)
+
+    # ---- writes ----------------------------------------------------------------------------
+    def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or replace rows (``ROW_FIELDS`` + ``vector``), in batches."""
+        for chunk in batched(rows, self.config.insert_batch):
+            self._call("upsert", self.client.upsert, self.name, [_clean_row(r) for r in chunk])
+
+    def delete(self, ids: Iterable[str]) -> None:
+        for chunk in batched(list(ids), self.config.insert_batch):
+            self._call("delete", self.client.delete, self.name, ids=chunk)
+
+    def flush(self) -> None:
+        if not is_local_uri(self.config.uri):
+            self._call("flush", self.client.flush, self.name)
+
+    # ---- reads -----------------------------------------------------------------------------
+    def count(self) -> int:
+        if not self.exists():
+            return 0
+        res = self._call("count", self.client.query, self.name, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def iter_rows(self, fields: Sequence[str] = ("id", "path"), filter: str = "") -> Iterator[dict[str, Any]]:
+        """Every row's ``fields``, streamed in id ranges.
+
+        Ids are hex content hashes, so prefix ranges split the collection evenly; a range that
+        comes back full is split again. (query_iterator is avoided: on Milvus Lite it has
+        repeated and dropped rows.)
+        """
+        if not self.exists():
+            return
+        fields = list(dict.fromkeys(["id", *fields]))
+        total = self.count()
+        depth = 0
+        while 16 ** depth * self.PAGE < total:
+            depth += 1
+        prefixes = [format(i, f"0{depth}x") for i in range(16 ** depth)] if depth else [""]
+        yield from self._rows_in_ranges(prefixes, fields, filter)
+
+    PAGE = 8000  # rows per range query; Milvus caps one query at 16384
+
+    def _rows_in_ranges(self, prefixes: list[str], fields: list[str], filter: str) -> Iterator[dict[str, Any]]:
+        for prefix in prefixes:
+            cond = f'id like "{prefix}%"' if prefix else 'id != ""'
+            expr = f"({cond}) and ({filter})" if filter else cond
+            rows = self._call("query", self.client.query, self.name, filter=expr, output_fields=fields, limit=16384)
+            if len(rows) >= 16384:  # skewed range (ids not from content hashes): split it
+                yield from self._rows_in_ranges([prefix + c for c in "0123456789abcdef"], fields, filter)
+                non_hex = f'({cond}) and not ({" or ".join(f"id like {chr(34)}{prefix}{c}%{chr(34)}" for c in "0123456789abcdef")})'
+                yield from self._call("query", self.client.query, self.name, filter=non_hex + (f" and ({filter})" if filter else ""), output_fields=fields, limit=16384)
+            else:
+                yield from rows
+
+    def get(self, ids: Sequence[str], fields: Sequence[str] = ROW_FIELDS) -> list[dict[str, Any]]:
+        if not ids:
+            return []
+        out: list[dict[str, Any]] = []
+        for chunk in batched(list(ids), 1000):
+            out.extend(self._call("get", self.client.get, self.name, ids=chunk, output_fields=list(fields)))
+        return out
+
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[Hit]]:
+        self._wait_for_index()
+        data = np.asarray(vectors, dtype=np.float32)
+        params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
+        try:
+            res = self.client.search(
+                self.name, data=data.tolist(), limit=limit, filter=filter or "", output_fields=HIT_FIELDS,
+                search_params=params, anns_field="vector",
+            )
+        except Exception as e:
+            if filter and _is_expression_error(e):
+                raise InputError(
+                    f"invalid --filter expression {filter!r}: {_short(e)}. Filters are Milvus boolean expressions "
+                    "over the fields path, caption and metadata, e.g. 'metadata[\"year\"] >= 2020 and caption like \"%dog%\"'"
+                ) from e
+            raise StoreError(f"Milvus search failed on collection {self.name!r}: {_short(e)}", retriable=_retriable(e)) from e
+        sign = -1.0 if self.config.metric.upper() == "L2" else 1.0  # L2: smaller is closer
+        return [
+            [
+                Hit(
+                    id=str(r["id"]), path=r["entity"].get("path", ""), score=sign * float(r["distance"]),
+                    retrieval_score=sign * float(r["distance"]), caption=r["entity"].get("caption") or None,
+                    metadata=r["entity"].get("metadata") or {}, rank=i + 1,
+                )
+                for i, r in enumerate(hits)
+            ]
+            for hits in res
+        ]
+
+    def _wait_for_index(self) -> None:
+        """A server builds indexes asynchronously; wait (bounded) until it has caught up."""
+        if self._index_ready:
+            return
+        self.warm_up()
+        self.require()
+        if not is_local_uri(self.config.uri):
+            deadline = time.monotonic() + self.config.index_wait
+            while time.monotonic() < deadline:
+                info = self._call("describe_index", self.client.describe_index, self.name, "vector")
+                if not info or int(info.get("pending_index_rows", 0)) == 0:
+                    break
+                time.sleep(0.5)
+            else:
+                log.warning("index on %s still building after %.0fs; searching anyway", self.name, self.config.index_wait)
+        self._load()
+        self._index_ready = True
+
+
+def _clean_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": r["id"],
+        "vector": np.asarray(r["vector"], dtype=np.float32).tolist(),
+        "path": r["path"],
+        "content_hash": r.get("content_hash", ""),
+        "caption": (r.get("caption") or "")[:MAX_TEXT // 4],  # bytes: up to 4 per char in UTF-8
+        "metadata": r.get("metadata") or {},
+        "file_size": int(r.get("file_size") or 0),
+        "mtime_ns": int(r.get("mtime_ns") or 0),
+    }
+
+
+def _describe(info: dict[str, Any]) -> str:
+    model = info.get("model") or info.get("stage") or "?"
+    pre = info.get("pretrained")
+    extra = f" (pretrained {pre})" if pre else ""
+    return f"{model}{extra} [dim {info.get('dim')}, fingerprint {info.get('fingerprint')}]"
+
+
+def _short(e: Exception) -> str:
+    msg = getattr(e, "message", None) or str(e)
+    return " ".join(str(msg).split())[:500]
+
+
+def _retriable(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("unavailable", "timeout", "timed out", "connection", "deadline"))
+
+
+def _is_expression_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("token", "expr", "parse", "field", "invalid", "syntax", "cannot"))
