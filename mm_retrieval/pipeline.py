@@ -86,8 +86,8 @@ class Pipeline:
             config = PipelineConfig()
         elif not isinstance(config, PipelineConfig):
             config = PipelineConfig.load(config)
-        enc = config.encoder.with_params({**(encoder or {}), "model": model, "pretrained": pretrained, "device": device})
-        sto = config.store.with_params({**(store or {}), "uri": db, "collection": collection, "token": token})
+        enc = config.encoder.with_params({**(encoder or {}), **prune_none({"model": model, "pretrained": pretrained, "device": device})})
+        sto = config.store.with_params({**(store or {}), **prune_none({"uri": db, "collection": collection, "token": token})})
         rer = config.reranker
         if isinstance(reranker, str):
             reranker = {"checkpoint": reranker}

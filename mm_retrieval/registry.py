@@ -60,6 +60,7 @@ _errors: list[PluginError] = []
 _discovered = False
 _modules_loaded = False
 _module_eps: list[EntryPoint] = []
+_loading_origin: str | None = None  # the distribution whose module plugin is being imported
 
 
 def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
@@ -73,7 +74,7 @@ def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
             entry = _stages.get(key)
             target = f"{cls.__module__}:{cls.__qualname__}"
             if entry is None:
-                _stages[key] = StageEntry(kind, name, _origin_of(cls.__module__), target, cls)
+                _stages[key] = StageEntry(kind, name, _loading_origin or _origin_of(cls.__module__), target, cls)
             else:
                 entry.cls, entry.error = cls, None
         cls.stage_kind, cls.stage_name = kind, name  # type: ignore[attr-defined]
@@ -115,13 +116,17 @@ def _load_module_plugins() -> None:
         if _modules_loaded:
             return
         _modules_loaded = True
+        global _loading_origin
         for ep in _module_eps:
+            origin = ep.dist.name if ep.dist is not None else "unknown"
+            _loading_origin = origin
             try:
                 ep.load()
             except Exception as e:  # a broken plugin must not break the others
-                origin = ep.dist.name if ep.dist is not None else "unknown"
                 _errors.append(PluginError(ep.name, origin, f"{type(e).__name__}: {e}", traceback.format_exc()))
-                log.warning("plugin %r failed to load: %s", ep.name, e)
+                log.debug("plugin %r failed to load: %s", ep.name, e)
+            finally:
+                _loading_origin = None
 
 
 def _import_entry(entry: StageEntry) -> Any:
@@ -134,7 +139,7 @@ def _import_entry(entry: StageEntry) -> Any:
     except Exception as e:
         entry.error = f"{type(e).__name__}: {e}"
         _errors.append(PluginError(f"{entry.kind}/{entry.name}", entry.origin, entry.error, traceback.format_exc()))
-        log.warning("stage %s/%s failed to load: %s", entry.kind, entry.name, e)
+        log.debug("stage %s/%s failed to load: %s", entry.kind, entry.name, e)
         return None
     entry.cls = obj
     obj.stage_kind, obj.stage_name = entry.kind, entry.name
