@@ -80,8 +80,11 @@ def cli(verbose: int) -> None:
 @click.option("--batch-size", type=int, help="Images per forward pass (default 64).")
 @click.option("--workers", type=int, help="Decoding processes (default 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Cache this reranker's image memory (small) rather than raw tokens.")
+@click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
-def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
+def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None, tokens: bool,
+          progress: bool | None, **kwargs: Any) -> None:
     """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
 
     A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
@@ -89,7 +92,7 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     skipped, changed files replace their old entry, unreadable files are listed and skipped.
     """
     opts = _pop_common(kwargs)
-    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers})
+    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens)
     report = pipe.index(source, progress=progress)
     if as_json:
         _emit_json(report.to_dict())
@@ -131,6 +134,112 @@ def search(query: str, k: int | None, candidates: int | None, filter_: str, rera
         extra = f"  retrieval {h.retrieval_score:.3f}" if result.reranked else ""
         cap = f"  \"{h.caption}\"" if h.caption else ""
         _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path}{cap}")
+
+
+@cli.command("train-encoder")
+@click.argument("table", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory; use it later as --model DIR.")
+@click.option("--model", default="mmr-tiny", show_default=True, help="open_clip architecture name or a model-config JSON file.")
+@click.option("--pretrained", help="Start from these weights (tag or checkpoint file); default: from scratch.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule with warmup).")
+@click.option("--image-size", type=int, help="Override the architecture's input size.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Data-loading processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
+def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | None, epochs: int, batch_size: int, lr: float,
+                      image_size: int | None, workers: int, device: str, seed: int, resume: bool, as_json: bool) -> None:
+    """Train or fine-tune the dual encoder on TABLE's image-caption pairs (wraps open_clip_train).
+
+    TABLE is a .csv/.parquet/.jsonl with 'path' and 'caption' columns. The result loads
+    everywhere with --model OUT, e.g. `mmr index photos/ --model OUT`.
+    """
+    from .training import train_encoder
+
+    logging.getLogger("mm_retrieval.training").setLevel(logging.INFO)
+    res = train_encoder(table, out_dir, model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+                        image_size=image_size, workers=workers, device=device, seed=seed, resume=resume)
+    summary = {"out_dir": str(res.out_dir), "model": res.model_name, "epochs": res.epochs, "pairs": res.n_pairs,
+               "final_loss": res.final_loss, "seconds": round(res.seconds, 1)}
+    if as_json:
+        _emit_json(summary)
+    else:
+        _echo(f"trained {res.model_name} on {res.n_pairs} pairs for {res.epochs} epochs in {res.seconds:.0f}s "
+              f"(final loss {res.final_loss}) -> {res.out_dir}; use it with --model {res.out_dir}")
+
+
+@cli.command("eval")
+@click.argument("table", type=click.Path())
+@common_options
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Also evaluate this reranker checkpoint.")
+@click.option("--candidates", type=int, default=100, show_default=True, help="First-stage candidates the reranker sees.")
+@click.option("--no-index", is_flag=True, help="Don't index TABLE's images first (they must already be in the collection).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: bool, as_json: bool, **kwargs: Any) -> None:
+    """Recall@1/5/10 of the first stage (and of the reranked list) on TABLE's captions.
+
+    Each caption is a query; its relevant images are the rows with that caption; the gallery is
+    the whole collection.
+    """
+    from .evaluation import evaluate
+
+    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
+    doc = evaluate(pipe, table, candidates=candidates, rerank=rerank_path is not None or pipe.config.reranker is not None, index=not no_index)
+    if as_json:
+        _emit_json(doc)
+        return
+    _echo(f"{doc['n_queries']} queries against {doc['gallery']} images (candidates {doc['candidates']})")
+    _echo("              " + "  ".join(f"{k:>6}" for k in doc["first_stage"]))
+    for name in ("first_stage", "reranked"):
+        if doc.get(name):
+            _echo(f"{name:<12}  " + "  ".join(f"{v:6.3f}" for v in doc[name].values()))
+
+
+@cli.group()
+def cache() -> None:
+    """The token cache the reranker reads (image tokens stored next to the collection)."""
+
+
+@cache.command("info")
+@common_options
+@click.option("--json", "as_json", is_flag=True)
+def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
+    """List the collection's token caches: items and bytes per image."""
+    from .backfill import cache_info
+
+    pipe = _pipeline(_pop_common(kwargs))
+    info = cache_info(pipe)
+    if as_json:
+        _emit_json({"collection": pipe.store.name, "items": pipe.store.count(), "caches": info})
+        return
+    _echo(f"collection {pipe.store.name!r}: {pipe.store.count()} items")
+    for c in info:
+        _echo(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {c['shape']}, {c['file_bytes']:,} B on disk")
+    if not info:
+        _echo("  no token cache (run `mmr cache build`)")
+
+
+@cache.command("build")
+@common_options
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Cache this reranker's image memory (small) instead of raw tokens.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--progress/--no-progress", default=None)
+def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
+    """Fill the token cache for every indexed item that lacks tokens."""
+    from .backfill import build_token_cache
+
+    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
+    doc = build_token_cache(pipe, progress=progress)
+    if as_json:
+        _emit_json(doc)
+        return
+    _echo(f"token cache {doc['cache']}: {doc['items']} items ({doc['bytes_per_item']:,} B each); "
+          f"{doc['from_raw_tokens']} derived from raw tokens, {doc['encoded']} encoded, {len(doc['failed'])} failed")
+    for f in doc["failed"][:20]:
+        _echo(f"  {f['path']}: {f['error']}")
 
 
 @cli.command()

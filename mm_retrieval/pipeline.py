@@ -81,6 +81,7 @@ class Pipeline:
         encoder: dict[str, Any] | None = None,
         store: dict[str, Any] | None = None,
         reranker: str | dict[str, Any] | None = None,
+        cache_tokens: bool = True,
     ):
         if config is None:
             config = PipelineConfig()
@@ -96,6 +97,7 @@ class Pipeline:
         if rer is not None and device is not None:
             rer = rer.with_params({"device": device})
         self.config = replace(config, encoder=enc, store=sto, reranker=rer)
+        self.cache_tokens = cache_tokens  # index runs write image tokens for the reranker
         self._encoder: Encoder | None = None
         self._store: Store | None = None
         self._reranker: Reranker | None = None
@@ -136,10 +138,19 @@ class Pipeline:
         return self._reranker
 
     def token_writer(self) -> Any:
-        """Where index runs write image tokens for the reranker (None: no cache). Set by the
-        reranker stage's module when it is installed; see ``mm_retrieval.tokencache``."""
-        hook = getattr(self, "_token_writer_factory", None) or _TOKEN_WRITER_FACTORY
-        return hook(self) if hook is not None else None
+        """Where an index run writes image tokens for reranking: the configured reranker's memory
+        (small, keyed by encoder + reranker), else the encoder's raw patch tokens, from which any
+        reranker trained later derives its memory without decoding images again."""
+        if not self.cache_tokens:
+            return None
+        reranker = self.reranker
+        if reranker is not None and hasattr(reranker, "memory_writer"):
+            reranker.warm_up()
+            return reranker.memory_writer()
+        from .tokencache import TokenCache, TokenWriter
+
+        fp = f"raw-{self.encoder.fingerprint}"
+        return TokenWriter(TokenCache(self.store.cache_dir() / f"tokens-{fp}.sqlite", fp))
 
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None, on_progress: Callable[[int], None] | None = None) -> IndexReport:
@@ -312,10 +323,6 @@ class Pipeline:
     def search_vectors(self, vectors: np.ndarray, limit: int, filter: str = ""):
         """The first stage alone, for precomputed query vectors."""
         return self.store.search(vectors, limit, filter)
-
-
-# Set by mm_retrieval.tokencache when it is importable: Pipeline -> token writer or None.
-_TOKEN_WRITER_FACTORY: Callable[[Pipeline], Any] | None = None
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,6 +108,10 @@ class Encoder(Stage):
 
 class Store(Stage):
     """A vector collection with metadata, searchable with filters."""
+
+    def cache_dir(self) -> Path:
+        """Folder for this collection's side data (token caches); stores override it."""
+        raise NotImplementedError(f"{self.label} does not provide a cache folder")
 
     @abstractmethod
     def search(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[Hit]]:

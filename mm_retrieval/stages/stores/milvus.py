@@ -92,6 +92,12 @@ class MilvusStore(Store):
         """The Milvus Lite file, or None for a server URI."""
         return Path(self.config.uri).expanduser().resolve() if is_local_uri(self.config.uri) else None
 
+    def cache_dir(self) -> Path:
+        """Token caches of this collection: beside a Milvus Lite file, or under ~/.cache for a server."""
+        from ...tokencache import cache_root
+
+        return cache_root(self.config.uri, self.name)
+
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -169,8 +175,12 @@ class MilvusStore(Store):
         self._call("load_collection", self.client.load_collection, self.name)
 
     def drop(self) -> None:
+        """Delete the collection and its token caches."""
+        import shutil
+
         if self.exists():
             self._call("drop_collection", self.client.drop_collection, self.name)
+        shutil.rmtree(self.cache_dir(), ignore_errors=True)
 
     # ---- writes ----------------------------------------------------------------------------
     def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
