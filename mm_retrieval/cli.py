@@ -109,6 +109,39 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
 
 
 @cli.command()
+@click.argument("source", type=click.Path())
+@common_options
+@click.option("--dry-run", is_flag=True, help="Only show what would be added, re-checked and removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or plan) as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
+    """Bring the collection in step with SOURCE: add new files, replace changed ones, remove gone ones.
+
+    Entries under SOURCE's folder (a table's folder, for a table) whose file is no longer listed
+    are removed with their cached tokens; entries elsewhere are left alone.
+    """
+    pipe = _pipeline(_pop_common(kwargs))
+    report = pipe.sync(source, dry_run=dry_run, progress=progress)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    if dry_run:
+        plan = report.plan or {}
+        _echo(f"would add {len(plan['add'])}, re-check {len(plan['check'])} (changed size/mtime/metadata), "
+              f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged")
+        for key, label in (("add", "+"), ("check", "~"), ("remove", "-")):
+            for p in plan[key][:20]:
+                _echo(f"  {label} {p}")
+            if len(plan[key]) > 20:
+                _echo(f"  {label} ... and {len(plan[key]) - 20} more")
+        return
+    _echo(f"indexed {report.indexed}, replaced {report.replaced}, moved {report.moved}, removed {report.removed}, "
+          f"unchanged {report.unchanged}, skipped {report.skipped} in {report.seconds:.1f}s")
+    for f in report.failed[:50]:
+        _echo(f"  skipped {f.path}: {f.error}")
+
+
+@cli.command()
 @click.argument("query")
 @common_options
 @click.option("--k", type=int, help="Number of hits (default 10).")

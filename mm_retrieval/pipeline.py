@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +21,10 @@ import numpy as np
 
 from . import registry
 from .config import PipelineConfig, SearchConfig, StageSpec, config_from_dict, prune_none
-from .errors import ConfigError, InputError
-from .stages.base import Encoder, Reranker, Source, Store, encode_files
+from .errors import InputError
+from .stages.base import Encoder, Reranker, Source, Store
 from .tables import TABLE_EXTENSIONS
-from .types import Failure, IndexReport, Record, SearchResult
+from .types import IndexReport, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,18 @@ class Pipeline:
         self._store: Store | None = None
         self._reranker: Reranker | None = None
 
+    def close(self) -> None:
+        """Release the store connection (Milvus Lite admits one process at a time)."""
+        if self._store is not None and hasattr(self._store, "close"):
+            self._store.close()
+        self._store = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # ---- stages ----------------------------------------------------------------------------
     @property
     def store(self) -> Store:
@@ -153,127 +164,27 @@ class Pipeline:
         return TokenWriter(TokenCache(self.store.cache_dir() / f"tokens-{fp}.sqlite", fp))
 
     # ---- indexing --------------------------------------------------------------------------
-    def index(self, source: str | Path | Source, *, progress: bool | None = None, on_progress: Callable[[int], None] | None = None) -> IndexReport:
-        """Embed and store every image of a folder or table. Idempotent: content-derived ids mean
-        re-running adds nothing, a changed file replaces its old entry, a moved file keeps its id."""
-        t0 = time.perf_counter()
+    def index(self, source: str | Path | Source, *, progress: bool | None = None,
+              on_progress: Callable[[int], None] | None = None) -> IndexReport:
+        """Embed and store every image of a folder or table. Idempotent and crash-safe: ids derive
+        from content, so re-running adds nothing, a changed file replaces its old entry, a moved
+        file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
+        from .indexing import Indexer
+
+        return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source))
+
+    def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None) -> IndexReport:
+        """Bring the collection in step with a folder or table: add new files, replace changed
+        ones, and remove entries (and cached tokens) of files under the source's folder (a
+        table's folder, for a table) that are no longer listed. ``dry_run``: only report the
+        plan (``report.plan``)."""
+        from .indexing import Indexer
+
         src = open_source(source)
-        records = list(src.records())
-        report = IndexReport(failed=[Failure(p, e) for p, e in src.problems])
-        encoder, store = self.encoder, self.store
-        encoder.warm_up()
-        store.ensure_collection(encoder.info())
-        tokens = self.token_writer()
-
-        by_path: dict[str, dict[str, Any]] = {}
-        id_to_path: dict[str, str] = {}
-        for row in store.iter_rows(("id", "path", "file_size", "mtime_ns", "caption", "metadata")):
-            by_path[row["path"]] = row
-            id_to_path[row["id"]] = row["path"]
-
-        todo: list[Record] = []
-        listed: set[str] = set()
-        for rec in records:
-            path = str(rec.path)
-            if path in listed:  # a table may list one image twice: the first row wins
-                report.duplicates += 1
-                continue
-            listed.add(path)
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                report.failed.append(Failure(os.fsencode(path).decode("utf-8", "replace"), "file name is not valid UTF-8; rename the file"))
-                continue
-            if len(path.encode("utf-8")) > 4096:
-                report.failed.append(Failure(path[:200] + "...", "path longer than 4096 bytes"))
-                continue
-            row = by_path.get(path)
-            if row is not None and _unchanged(rec, row):
-                report.unchanged += 1
-                continue
-            todo.append(rec)
-
-        seen: set[str] = set()
-        bar = _progress(len(todo), progress)
-        try:
-            for items, emb, toks in encode_files(
-                encoder, [str(r.path) for r in todo], known_ids=frozenset(id_to_path), with_tokens=tokens is not None
-            ):
-                rows, refresh, j = [], [], 0
-                for it in items:
-                    rec = todo[it.pos]
-                    vec = None
-                    if it.decoded:  # embeddings are packed in the order of decoded items
-                        vec, j = j, j + 1
-                    if it.error is not None:
-                        report.failed.append(Failure(it.path, it.error))
-                    elif it.id in seen:
-                        report.duplicates += 1  # same content twice in this run
-                    elif it.known:
-                        self._known_item(rec, it, id_to_path, refresh, report)
-                        seen.add(it.id)
-                    else:
-                        rows.append(_row(rec, it, emb[vec]))
-                        if tokens is not None:
-                            tokens.add(it.id, toks[vec])
-                        seen.add(it.id)
-                if tokens is not None:
-                    tokens.commit()  # tokens first: a stored row never points to missing tokens
-                store.upsert(rows)
-                if refresh:
-                    self._refresh(refresh)
-                # a path that now holds new content: its old entry goes (unless that content moved)
-                stale = [
-                    old["id"] for r in rows
-                    if (old := by_path.get(r["path"])) is not None and old["id"] != r["id"] and id_to_path.get(old["id"]) == r["path"]
-                ]
-                if stale:
-                    store.delete(stale)
-                    if tokens is not None:
-                        tokens.delete(stale)
-                    for s in stale:
-                        id_to_path.pop(s, None)
-                    report.replaced += len(stale)
-                for r in rows:
-                    id_to_path[r["id"]] = r["path"]
-                    by_path[r["path"]] = r
-                report.indexed += len(rows)
-                bar.update(len(items))
-                if on_progress is not None:
-                    on_progress(len(items))
-        finally:
-            bar.close()
-        store.flush()
-        report.seconds = time.perf_counter() - t0
-        return report
-
-    @staticmethod
-    def _known_item(rec: Record, it: Any, id_to_path: dict[str, str], refresh: list, report: IndexReport) -> None:
-        """Content already indexed: a copy of a file still present, a moved file, or the same
-        file with a new mtime/caption/metadata (its row is rewritten, its vector kept)."""
-        path, stored = str(rec.path), id_to_path[it.id]
-        if stored != path and Path(stored).exists():
-            report.duplicates += 1
-            return
-        if stored != path:
-            report.moved += 1
-            id_to_path[it.id] = path
-        else:
-            report.unchanged += 1
-        refresh.append((it.id, rec))
-
-    def _refresh(self, refresh: list[tuple[str, Record]]) -> None:
-        """Rewrite rows whose file moved or whose caption/metadata/mtime changed (vector kept)."""
-        stored = {r["id"]: r for r in self.store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash"])}
-        rows = []
-        for id_, rec in refresh:
-            old = stored.get(id_)
-            if old is None:
-                continue
-            st = _stat(rec.path)
-            rows.append({"id": id_, "vector": old["vector"], "path": str(rec.path), "content_hash": old["content_hash"],
-                         "caption": rec.caption, "metadata": rec.metadata, "file_size": st[0], "mtime_ns": st[1]})
-        self.store.upsert(rows)
+        scope = Path(source).expanduser().resolve()
+        if scope.is_file():
+            scope = scope.parent
+        return Indexer(self, progress=progress).run(src, remove_missing=True, scope=scope, dry_run=dry_run)
 
     # ---- searching -------------------------------------------------------------------------
     def search(
@@ -323,32 +234,6 @@ class Pipeline:
     def search_vectors(self, vectors: np.ndarray, limit: int, filter: str = ""):
         """The first stage alone, for precomputed query vectors."""
         return self.store.search(vectors, limit, filter)
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return 0, 0
-
-
-def _unchanged(rec: Record, row: dict[str, Any]) -> bool:
-    """Same path, size, mtime, caption and metadata as stored: nothing to read or write."""
-    size, mtime = _stat(rec.path)
-    return (
-        size == row.get("file_size") and mtime == row.get("mtime_ns") and size > 0
-        and (rec.caption or "") == (row.get("caption") or "")
-        and (rec.metadata or {}) == (row.get("metadata") or {})
-    )
-
-
-def _row(rec: Record, it: Any, vector: np.ndarray) -> dict[str, Any]:
-    size, mtime = _stat(rec.path)
-    return {
-        "id": it.id, "vector": vector, "path": str(rec.path), "content_hash": it.digest,
-        "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
-    }
 
 
 class _NoBar:

@@ -98,9 +98,14 @@ class TokenCache:
         """Write buffered arrays durably (one transaction)."""
         if not self._pending:
             return
+        from . import failpoints
+
         rows = [(k, v.tobytes()) for k, v in self._pending.items()]
         with self._db() as db:
-            db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?)", rows)
+            for i, row in enumerate(rows):
+                db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?)", row)
+                if i == len(rows) // 2:
+                    failpoints.hit("mid_tokens")  # inside the transaction: it must roll back whole
         self._pending.clear()
 
     def delete(self, ids: Iterable[str]) -> None:

@@ -73,7 +73,8 @@ class IndexReport:
 
     ``indexed``: items written (new or changed); ``unchanged``: already in the collection;
     ``duplicates``: files whose content equals another file's (stored once);
-    ``replaced``: stale entries removed because their file changed; ``skipped``: unreadable
+    ``replaced``: stale entries removed because their file changed; ``moved``: entries whose file
+    moved (same content); ``removed``: entries whose file is gone (sync); ``skipped``: unreadable
     files, each listed in ``failed`` with the reason.
     """
 
@@ -82,8 +83,10 @@ class IndexReport:
     duplicates: int = 0
     replaced: int = 0
     moved: int = 0
+    removed: int = 0  # entries whose file is gone (sync only)
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    plan: dict[str, Any] | None = None  # what a dry run would do
 
     @property
     def skipped(self) -> int:
@@ -98,5 +101,7 @@ class IndexReport:
             "duplicates": self.duplicates,
             "replaced": self.replaced,
             "moved": self.moved,
+            "removed": self.removed,
             "seconds": round(self.seconds, 3),
+            **({"plan": self.plan} if self.plan is not None else {}),
         }

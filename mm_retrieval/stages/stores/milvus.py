@@ -65,9 +65,13 @@ class MilvusStore(Store):
         # Milvus Lite serves in-process and logs calls it doesn't implement (harmless ones, such as
         # the timestamp request create_collection makes) as errors on this logger.
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
         uri = self.config.uri
         if is_local_uri(uri):
             path = Path(uri).expanduser()
+            if path.suffix != ".db":
+                raise InputError(f"--db {uri}: an embedded Milvus Lite database is a path ending in .db (e.g. ./mmr.db); "
+                                 "a server is http://HOST:PORT")
             # Milvus Lite keeps its data in a folder at this path; refuse to take over any other folder
             if path.is_dir() and any(path.iterdir()) and not (path / "collections").exists():
                 raise InputError(f"--db {uri} is a folder that is not a Milvus Lite database; give a new path such as {path / 'mmr.db'}")
@@ -76,12 +80,32 @@ class MilvusStore(Store):
         try:
             self.client = MilvusClient(uri=uri, token=self.config.token or "", timeout=self.config.timeout)
         except Exception as e:
+            if is_local_uri(self.config.uri) and "open local milvus failed" in str(e).lower():
+                raise StoreError(
+                    f"the database {self.config.uri} is open in another process (Milvus Lite allows one process "
+                    "at a time): wait for it to finish, or share the collection through a Milvus server "
+                    "(docker-compose.yml, or `milvus-lite server --data-dir DIR`) and pass --db http://HOST:PORT",
+                    retriable=True,
+                ) from e
             raise StoreError(
                 f"cannot connect to Milvus at {self.config.uri}: {_short(e)}. For a server, check it is running "
                 "and reachable (see docker-compose.yml); for a local database pass a file path such as --db ./mmr.db",
                 retriable=True,
             ) from e
         self._index_ready = False
+
+    def close(self) -> None:
+        """Release the connection (for Milvus Lite: the database, so another process can open it)."""
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+            self.client = None
+            self._warm = False
+            self._loaded = False
+            if self.local_path is not None:  # Milvus Lite serves in-process until told to stop
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(str(self.local_path))
 
     @property
     def name(self) -> str:
@@ -173,6 +197,12 @@ class MilvusStore(Store):
 
     def _load(self) -> None:
         self._call("load_collection", self.client.load_collection, self.name)
+        self._loaded = True
+
+    def _ensure_loaded(self) -> None:
+        """A collection opened by a new process starts released; reads need it loaded."""
+        if not getattr(self, "_loaded", False):
+            self._load()
 
     def drop(self) -> None:
         """Delete the collection and its token caches."""
@@ -200,6 +230,7 @@ class MilvusStore(Store):
     def count(self) -> int:
         if not self.exists():
             return 0
+        self._ensure_loaded()
         res = self._call("count", self.client.query, self.name, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
@@ -212,6 +243,7 @@ class MilvusStore(Store):
         """
         if not self.exists():
             return
+        self._ensure_loaded()
         fields = list(dict.fromkeys(["id", *fields]))
         total = self.count()
         depth = 0
@@ -237,6 +269,7 @@ class MilvusStore(Store):
     def get(self, ids: Sequence[str], fields: Sequence[str] = ROW_FIELDS) -> list[dict[str, Any]]:
         if not ids:
             return []
+        self._ensure_loaded()
         out: list[dict[str, Any]] = []
         for chunk in batched(list(ids), 1000):
             out.extend(self._call("get", self.client.get, self.name, ids=chunk, output_fields=list(fields)))

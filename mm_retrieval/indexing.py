@@ -1,0 +1,295 @@
+"""Index runs: bring a collection in step with a folder or table, crash-safely.
+
+Every write is ordered so that a kill at any moment leaves a consistent collection:
+
+1. tokens are committed to the token cache before their rows are upserted, so a stored row never
+   points to missing tokens (a kill in between leaves orphan tokens, removed by the next run);
+2. a changed file's new row is written before its old row is deleted, so a kill in between
+   leaves the path listed twice, which the next run notices and repairs;
+3. ids derive from content, so re-running after a kill re-encodes only what didn't land and
+   never duplicates anything.
+
+One index run per collection at a time: a lock file next to the collection's token caches makes a
+second run fail at once with a message saying who holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import failpoints
+from .errors import InputError
+from .stages.base import Source, encode_files
+from .types import Failure, IndexReport, Record
+
+ROW_FIELDS = ("id", "path", "file_size", "mtime_ns", "caption", "metadata")
+
+
+class CollectionLock:
+    """An exclusive, non-blocking write lock (``flock``: released by the OS if the holder dies)."""
+
+    def __init__(self, directory: Path, collection: str):
+        self.path = directory / "write.lock"
+        self.collection = collection
+        self._fd: int | None = None
+
+    def __enter__(self) -> "CollectionLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise InputError(
+                    f"collection {self.collection!r} is being written by {holder}; wait for that run to finish "
+                    "(a killed run releases the lock by itself) and run this again"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"mmr pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Plan:
+    """What a run will do, before any encoding. ``check``: listed paths whose size, mtime, caption
+    or metadata differ from the stored row (re-read; replaced only if the content changed)."""
+
+    add: list[Record] = field(default_factory=list)
+    check: list[Record] = field(default_factory=list)
+    remove: dict[str, set[str]] = field(default_factory=dict)  # path -> ids
+    unchanged: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "add": [str(r.path) for r in self.add],
+            "check": [str(r.path) for r in self.check],
+            "remove": sorted(self.remove),
+            "unchanged": self.unchanged,
+        }
+
+
+class Indexer:
+    """One run over one source for one pipeline (see :meth:`Pipeline.index` / :meth:`Pipeline.sync`)."""
+
+    def __init__(self, pipeline: Any, *, progress: bool | None = None, on_progress: Callable[[int], None] | None = None):
+        self.pipeline = pipeline
+        self.progress = progress
+        self.on_progress = on_progress
+
+    # ---- reading the collection ------------------------------------------------------------
+    def _scan(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.ids_by_path: dict[str, set[str]] = defaultdict(set)
+        for row in self.pipeline.store.iter_rows(ROW_FIELDS):
+            self.rows[row["id"]] = row
+            self.ids_by_path[row["path"]].add(row["id"])
+
+    def plan(self, src: Source, report: IndexReport, *, remove_missing: bool, scope: Path | None) -> Plan:
+        plan = Plan()
+        listed: dict[str, Record] = {}
+        for rec in src.records():
+            path = str(rec.path)
+            if path in listed:  # a table may list one image twice: the first row wins
+                report.duplicates += 1
+                continue
+            reason = _bad_path(path)
+            if reason:
+                report.failed.append(Failure(path.encode("utf-8", "replace").decode("utf-8"), reason))
+                continue
+            listed[path] = rec
+            ids = self.ids_by_path.get(path, set())
+            if not ids:
+                plan.add.append(rec)
+            elif len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
+                plan.unchanged += 1
+            else:  # changed, or listed twice after a crash mid-replace
+                plan.check.append(rec)
+        if remove_missing:
+            prefix = str(scope) + os.sep if scope is not None else ""
+            plan.remove = {p: ids for p, ids in self.ids_by_path.items() if p not in listed and p.startswith(prefix)}
+        return plan
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, src: Source, *, remove_missing: bool = False, scope: Path | None = None, dry_run: bool = False) -> IndexReport:
+        t0 = time.perf_counter()
+        pipe = self.pipeline
+        encoder, store = pipe.encoder, pipe.store
+        encoder.warm_up()
+        if dry_run:
+            if store.exists():
+                store.check_compatible(encoder.info())
+            self._scan()
+            report = IndexReport(failed=[Failure(p, e) for p, e in src.problems])
+            report.plan = self.plan(src, report, remove_missing=remove_missing, scope=scope).to_dict()
+            report.seconds = time.perf_counter() - t0
+            return report
+        store.ensure_collection(encoder.info())
+        with CollectionLock(store.cache_dir(), store.name):
+            self._scan()
+            report = IndexReport()
+            plan = self.plan(src, report, remove_missing=remove_missing, scope=scope)
+            report.failed[:0] = [Failure(p, e) for p, e in src.problems]
+            self.tokens = pipe.token_writer()
+            self._encode(plan.add + plan.check, report)
+            report.unchanged += plan.unchanged
+            if plan.remove:
+                gone = {i for ids in plan.remove.values() for i in ids}
+                self._delete(gone)
+                report.removed = len(plan.remove)
+            self._drop_orphan_tokens()
+            store.flush()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _encode(self, todo: list[Record], report: IndexReport) -> None:
+        from .pipeline import _progress
+
+        store = self.pipeline.store
+        seen: set[str] = set()
+        bar = _progress(len(todo), self.progress)
+        try:
+            for items, emb, toks in encode_files(
+                self.pipeline.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows), with_tokens=self.tokens is not None
+            ):
+                failpoints.hit("batch_decoded")
+                new_rows, refresh, stale, j = [], [], set(), 0
+                for it in items:
+                    rec = todo[it.pos]
+                    vec = None
+                    if it.decoded:  # embeddings are packed in the order of decoded items
+                        vec, j = j, j + 1
+                    if it.error is not None:  # an unreadable file keeps whatever entry it had
+                        report.failed.append(Failure(it.path, it.error))
+                        continue
+                    # whatever else this path held is stale now (its file changed, or a crash left it twice)
+                    stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
+                    if it.id in seen:
+                        report.duplicates += 1  # the same content twice in this run
+                    elif it.known:
+                        self._known(rec, it.id, refresh, report)
+                    else:
+                        new_rows.append(_row(rec, it, emb[vec]))
+                        if self.tokens is not None:
+                            self.tokens.add(it.id, toks[vec])
+                    seen.add(it.id)
+                if self.tokens is not None:
+                    self.tokens.commit()  # (1) tokens before rows
+                failpoints.hit("after_tokens")
+                store.upsert(new_rows)
+                failpoints.hit("after_upsert")
+                if refresh:
+                    self._refresh(refresh)
+                if stale:  # (2) old rows after new ones
+                    self._delete(stale)
+                    report.replaced += len(stale)
+                for r in new_rows:
+                    self.rows[r["id"]] = r
+                    self.ids_by_path[r["path"]].add(r["id"])
+                report.indexed += len(new_rows)
+                bar.update(len(items))
+                if self.on_progress is not None:
+                    self.on_progress(len(items))
+        finally:
+            bar.close()
+
+    def _known(self, rec: Record, item_id: str, refresh: list, report: IndexReport) -> None:
+        """Content already indexed: a copy of a file that is still there, a moved file, or the
+        same file with a new mtime/caption/metadata (row rewritten, vector kept)."""
+        path, stored = str(rec.path), self.rows[item_id]["path"]
+        if stored != path and Path(stored).exists():
+            report.duplicates += 1
+            return
+        if stored != path:
+            report.moved += 1
+            self.ids_by_path[stored].discard(item_id)
+            self.ids_by_path[path].add(item_id)
+        else:
+            report.unchanged += 1
+        self.rows[item_id] = {**self.rows[item_id], "path": path}
+        refresh.append((item_id, rec))
+
+    def _refresh(self, refresh: list[tuple[str, Record]]) -> None:
+        store = self.pipeline.store
+        stored = {r["id"]: r for r in store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash"])}
+        rows = []
+        for item_id, rec in refresh:
+            old = stored.get(item_id)
+            if old is not None:
+                size, mtime = _stat(rec.path)
+                rows.append({"id": item_id, "vector": old["vector"], "path": str(rec.path), "content_hash": old["content_hash"],
+                             "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime})
+        store.upsert(rows)
+
+    def _delete(self, ids: set[str]) -> None:
+        """Rows first, then their tokens: a row never points to missing tokens."""
+        from .tokencache import purge
+
+        self.pipeline.store.delete(ids)
+        purge(self.pipeline.store.cache_dir(), ids)
+        for i in ids:
+            row = self.rows.pop(i, None)
+            if row is not None:
+                self.ids_by_path[row["path"]].discard(i)
+
+    def _drop_orphan_tokens(self) -> None:
+        """Tokens whose row never landed (a kill between the two writes) are removed."""
+        from .tokencache import caches_in, open_existing
+
+        for path in caches_in(self.pipeline.store.cache_dir()):
+            cache = open_existing(path)
+            cache.keep_only(self.rows)
+            cache.close()
+
+
+def _bad_path(path: str) -> str | None:
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8; rename the file"
+    if len(encoded) > 4096:
+        return "path longer than 4096 bytes"
+    return None
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return 0, 0
+
+
+def _unchanged(rec: Record, row: dict[str, Any]) -> bool:
+    """Same size, mtime, caption and metadata as stored: nothing to read or write."""
+    size, mtime = _stat(rec.path)
+    return (
+        size > 0 and size == row.get("file_size") and mtime == row.get("mtime_ns")
+        and (rec.caption or "") == (row.get("caption") or "")
+        and (rec.metadata or {}) == (row.get("metadata") or {})
+    )
+
+
+def _row(rec: Record, it: Any, vector: Any) -> dict[str, Any]:
+    size, mtime = _stat(rec.path)
+    return {
+        "id": it.id, "vector": vector, "path": str(rec.path), "content_hash": it.digest,
+        "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
+    }
