@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# token caches of server collections go under MMR_CACHE_DIR (else ~/.cache): keep tests' apart
+import tempfile
+
+os.environ["MMR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmr-test-cache-")
 
 TINY = {"model": "mmr-tiny", "pretrained": "none"}
 
@@ -51,3 +60,36 @@ def tiny_pipeline(tmp_path: Path):
     from mm_retrieval import Pipeline
 
     return Pipeline(db=str(tmp_path / "mmr.db"), encoder={**TINY, "workers": 0, "batch_size": 4})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    """A real `milvus-lite server` on 127.0.0.1 (the server code path); yields its URI."""
+    exe = shutil.which("milvus-lite") or str(Path(sys.executable).with_name("milvus-lite"))
+    port = free_port()
+    data = tmp_path_factory.mktemp("milvus-data")
+    log = open(data / "server.log", "w")
+    proc = subprocess.Popen([exe, "server", "--data-dir", str(data), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"milvus-lite server exited: {(data / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("milvus-lite server did not start in 60 s")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

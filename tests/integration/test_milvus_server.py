@@ -1,49 +1,10 @@
 """The server code path: the same store code against `milvus-lite server` on 127.0.0.1."""
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from conftest import COLORS, TINY
+from conftest import COLORS, TINY, free_port
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import StoreError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def milvus_server(tmp_path_factory):
-    exe = shutil.which("milvus-lite") or str(Path(sys.executable).with_name("milvus-lite"))
-    port = _free_port()
-    data = tmp_path_factory.mktemp("milvus-data")
-    log = open(data / "server.log", "w")
-    proc = subprocess.Popen([exe, "server", "--data-dir", str(data), "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if proc.poll() is not None:
-            pytest.fail(f"milvus-lite server exited: {(data / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("milvus-lite server did not start in 60 s")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def test_index_and_search_over_grpc(milvus_server, image_folder):
@@ -61,7 +22,7 @@ def test_index_and_search_over_grpc(milvus_server, image_folder):
 
 
 def test_unreachable_server_is_a_retriable_store_error():
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     pipe = Pipeline(db=f"http://127.0.0.1:{port}", store={"timeout": 2.0}, encoder={**TINY, "workers": 0})
     with pytest.raises(StoreError) as e:
         pipe.search("anything")

@@ -1,0 +1,59 @@
+"""`mmr sync`: add new, replace changed, remove gone; --dry-run changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import COLORS, TINY, make_image
+from mm_retrieval import Pipeline
+from mm_retrieval.tokencache import caches_in, open_existing
+
+
+def _paths(pipe):
+    return sorted(r["path"] for r in pipe.store.iter_rows(("path",)))
+
+
+def _token_ids(pipe):
+    return [set(open_existing(p).ids()) for p in caches_in(pipe.store.cache_dir())]
+
+
+def test_sync_plan_then_apply(tmp_path, image_folder):
+    pipe = Pipeline(db=str(tmp_path / "mmr.db"), encoder={**TINY, "workers": 0})
+    pipe.index(image_folder, progress=False)
+    other = tmp_path / "elsewhere"
+    make_image(other / "keep.png", (1, 1, 1), seed=5)
+    pipe.index(other, progress=False)  # outside the synced folder: must be left alone
+    before = _paths(pipe)
+
+    (image_folder / "red.png").unlink(missing_ok=True)
+    (image_folder / "nested" / "red.png").unlink(missing_ok=True)
+    make_image(image_folder / "new.png", (9, 99, 199), seed=42)
+    make_image(image_folder / "blue.png", (0, 0, 100), seed=43)  # changed content
+
+    plan = pipe.sync(image_folder, dry_run=True).plan
+    assert plan["add"] == [str(image_folder / "new.png")]
+    assert plan["check"] == [str(image_folder / "blue.png")]
+    assert plan["remove"] == [str(image_folder / "nested" / "red.png")]
+    assert _paths(pipe) == before  # a dry run changes nothing
+
+    report = pipe.sync(image_folder, progress=False)
+    assert (report.indexed, report.replaced, report.removed) == (2, 1, 1)
+    after = _paths(pipe)
+    assert str(image_folder / "nested" / "red.png") not in after
+    assert str(image_folder / "new.png") in after and str(other / "keep.png") in after
+    assert len(after) == len(COLORS) + 1  # -1 removed, +1 new, +1 elsewhere
+    ids = {r["id"] for r in pipe.store.iter_rows(("id",))}
+    assert all(t == ids for t in _token_ids(pipe))  # removed entries' tokens went too
+
+
+def test_sync_cli_dry_run_json(tmp_path, image_folder):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mm_retrieval", *a, "--db", str(tmp_path / "m.db"), "--json"],
+                                    capture_output=True, text=True, env=env, timeout=300)
+    assert run("index", str(image_folder), "--model", "mmr-tiny", "--pretrained", "none", "--workers", "0").returncode == 0
+    (image_folder / "green.png").unlink()
+    out = run("sync", str(image_folder), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["remove"] == [str(image_folder / "green.png")] and plan["add"] == []
