@@ -81,10 +81,11 @@ def cli(verbose: int) -> None:
 @click.option("--workers", type=int, help="Decoding processes (default 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--rerank", "rerank_path", type=click.Path(), help="Cache this reranker's image memory (small) rather than raw tokens.")
+@click.option("--text-columns", help="Comma-separated table columns whose text gets a text vector (default: caption).")
 @click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
-def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None, tokens: bool,
-          progress: bool | None, **kwargs: Any) -> None:
+def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None,
+          text_columns: str | None, tokens: bool, progress: bool | None, **kwargs: Any) -> None:
     """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
 
     A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
@@ -93,7 +94,8 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     """
     opts = _pop_common(kwargs)
     pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens)
-    report = pipe.index(source, progress=progress)
+    columns = [c.strip() for c in text_columns.split(",") if c.strip()] if text_columns else None
+    report = pipe.index(source, progress=progress, text_columns=columns)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -142,31 +144,41 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
 
 
 @cli.command()
-@click.argument("query")
+@click.argument("query", required=False)
 @common_options
+@click.option("--image", "image", help="Search by this image instead (a file or an http(s) URL): similar images, or with --mode text the captions that fit it.")
+@click.option("--mode", type=click.Choice(["auto", "image", "text", "hybrid"]), help="Search image vectors, text vectors, or both fused by Milvus (default auto: hybrid when the collection has text vectors).")
 @click.option("--k", type=int, help="Number of hits (default 10).")
 @click.option("--candidates", type=int, help="First-stage candidates the reranker rescores (default 100).")
 @click.option("--filter", "filter_", default="", help='Milvus filter expression, e.g. \'metadata["year"] >= 2020\'.')
 @click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (from train-reranker).")
 @click.option("--no-rerank", is_flag=True, help="First stage only, even if the config names a reranker.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as one JSON document on stdout.")
-def search(query: str, k: int | None, candidates: int | None, filter_: str, rerank_path: str | None, no_rerank: bool, as_json: bool, **kwargs: Any) -> None:
-    """Text-to-image search for QUERY."""
+def search(query: str | None, image: str | None, mode: str | None, k: int | None, candidates: int | None, filter_: str,
+           rerank_path: str | None, no_rerank: bool, as_json: bool, **kwargs: Any) -> None:
+    """Search for QUERY (text), or for --image PATH_OR_URL.
+
+    Text queries find images (and, in text/hybrid mode, items by their captions); the reranker
+    rescores the candidates when the query is text and the candidates are images.
+    """
+    from .errors import InputError
     from .pipeline import validate_query
 
-    validate_query(query)  # fail before loading any model
-    opts = _pop_common(kwargs)
-    pipe = _pipeline(opts, reranker=rerank_path)
-    result = pipe.search(query, k=k, candidates=candidates, filter=filter_, rerank=False if no_rerank else None)
+    if (query is None) == (image is None):
+        raise InputError("give a text QUERY or --image PATH_OR_URL (exactly one)")
+    if query is not None:
+        validate_query(query)  # fail before loading any model
+    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
+    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=False if no_rerank else None)
     if as_json:
         _emit_json(result.to_dict())
         return
     stage = "reranked" if result.reranked else "first stage"
-    _echo(f"{len(result.hits)} hits for {result.query!r} ({stage}, {result.timings_ms['total']:.0f} ms)")
+    _echo(f"{len(result.hits)} hits for {result.query!r} ({result.mode} mode, {stage}, {result.timings_ms['total']:.0f} ms)")
     for h in result.hits:
         extra = f"  retrieval {h.retrieval_score:.3f}" if result.reranked else ""
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path}{cap}")
+        _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path or '(text item)'}{cap}")
 
 
 @cli.command()
@@ -231,8 +243,9 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--rerank", "rerank_path", type=click.Path(), help="Also evaluate this reranker checkpoint.")
 @click.option("--candidates", type=int, default=100, show_default=True, help="First-stage candidates the reranker sees.")
 @click.option("--no-index", is_flag=True, help="Don't index TABLE's images first (they must already be in the collection).")
+@click.option("--mode", type=click.Choice(["image", "text", "hybrid"]), default="image", show_default=True, help="Which vectors the first stage searches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: bool, as_json: bool, **kwargs: Any) -> None:
+def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: bool, mode: str, as_json: bool, **kwargs: Any) -> None:
     """Recall@1/5/10 of the first stage (and of the reranked list) on TABLE's captions.
 
     Each caption is a query; its relevant images are the rows with that caption; the gallery is
@@ -241,11 +254,12 @@ def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: boo
     from .evaluation import evaluate
 
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    doc = evaluate(pipe, table, candidates=candidates, rerank=rerank_path is not None or pipe.config.reranker is not None, index=not no_index)
+    doc = evaluate(pipe, table, candidates=candidates, rerank=rerank_path is not None or pipe.config.reranker is not None,
+                   index=not no_index, mode=mode)
     if as_json:
         _emit_json(doc)
         return
-    _echo(f"{doc['n_queries']} queries against {doc['gallery']} images (candidates {doc['candidates']})")
+    _echo(f"{doc['n_queries']} queries against {doc['gallery']} items, {doc['mode']} mode (candidates {doc['candidates']})")
     _echo("              " + "  ".join(f"{k:>6}" for k in doc["first_stage"]))
     for name in ("first_stage", "reranked"):
         if doc.get(name):
@@ -294,6 +308,41 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
           f"{doc['from_raw_tokens']} derived from raw tokens, {doc['encoded']} encoded, {len(doc['failed'])} failed")
     for f in doc["failed"][:20]:
         _echo(f"  {f['path']}: {f['error']}")
+
+
+@cli.command()
+@common_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 exposes the API to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (from train-reranker); without it, scores are the first stage's.")
+@click.option("--api-key", envvar="MMR_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) [env MMR_API_KEY].")
+@click.option("--model-name", help="Model name reported by the vLLM-style endpoints (default: mmr/<checkpoint dir>).")
+@click.option("--max-documents", type=click.IntRange(1), default=1000, show_default=True, help="Documents per rerank request.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True, help="Largest request body, in MiB.")
+@click.option("--max-image-mb", type=click.FloatRange(0.001), default=10.0, show_default=True, help="Largest inline image, in MiB.")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True, help="Requests batched into one forward pass (1: no batching).")
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a request waits for others to batch with.")
+def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, model_name: str | None, max_documents: int,
+          max_body_mb: float, max_image_mb: float, max_batch: int, batch_wait_ms: float, **kwargs: Any) -> None:
+    """HTTP API: search, and reranking in the Cohere, TEI and vLLM wire formats.
+
+    \b
+    POST /search      {query, k, candidates, filter, rerank} -> the `mmr search --json` document
+    POST /v2/rerank   Cohere v2 (Milvus rerank function: provider "cohere", base_url http://HOST:PORT/v2)
+    POST /rerank      Hugging Face TEI (body with "texts"), or vLLM (body with "documents")
+    POST /v1/rerank   vLLM / Jina; documents may be image_url content parts
+    GET  /healthz, /readyz, /docs
+
+    A document is an indexed image's path as stored, its id, or an image inline as a data URI.
+    """
+    from .server import ServerConfig
+    from .server.run import serve as run_server
+
+    mib = 1024 * 1024
+    config = ServerConfig(host=host, port=port, api_key=api_key or None, model_name=model_name, max_documents=max_documents,
+                          max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
+                          max_batch_requests=max_batch, batch_wait_ms=batch_wait_ms)
+    run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config)
 
 
 @cli.command()

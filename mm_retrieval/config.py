@@ -113,6 +113,10 @@ class SearchConfig:
     k: int = 10
     candidates: int = 100  # the reranker sees this many first-stage hits
     rerank: bool = True  # use the [reranker] stage when one is configured
+    mode: str = "auto"  # image | text | hybrid | auto (hybrid when the collection has text vectors)
+    hybrid_ranker: str = "rrf"  # Milvus' RRFRanker, or "weighted" (WeightedRanker with hybrid_weights)
+    hybrid_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])  # image, text
+    rrf_k: int = 60  # RRF's smoothing constant (Milvus' default)
 
 
 @dataclass(frozen=True)

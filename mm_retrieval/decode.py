@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,58 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
     if w == 0 or h == 0:
         raise DecodeError("image has zero width or height")
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
     return im
+
+
+def _to_8bit(im):
+    """Greyscale deeper than 8 bits -> 8-bit ``L``: 16-bit PNG/TIFF open as ``I;16``, others as
+    ``I`` (32-bit int) or ``F`` (float). PIL's ``convert("RGB")``, which open_clip's preprocessing
+    calls, clips such values at 255 instead of scaling them, so a 16-bit image came out white."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        out = (a.astype(np.uint32) >> 8).astype(np.uint8)  # 0..65535 -> 0..255
+    else:
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 255:  # range unknown: stretch it to 0..255
+            a = (a - lo) * (255.0 / ((hi - lo) or 1.0))
+        out = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def read_regular_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, or DecodeError for anything else.
+
+    A FIFO, socket or device named like an image (``pipe.png``, a ``zero.png`` symlink to
+    /dev/zero) must not stall or flood the run: reading a FIFO blocks until a writer appears,
+    and a device reports size 0 but never ends. The file is opened with O_NONBLOCK (so opening
+    a FIFO returns at once) and checked with fstat on that same descriptor (no race between the
+    check and the read). OSError (missing, dangling or looping symlink, permissions) propagates.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            mode = st.st_mode
+            kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                    else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "directory" if stat.S_ISDIR(mode) else "special file")
+            raise DecodeError(f"not a regular file ({kind}); only image files can be indexed")
+        if st.st_size > max_bytes:
+            raise DecodeError(f"file too large: {st.st_size:,} bytes (limit {max_bytes:,})")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)  # bounded even if the file grows while being read
+    if len(data) > max_bytes:
+        raise DecodeError(f"file too large: more than {max_bytes:,} bytes (limit {max_bytes:,})")
+    return data
 
 
 @dataclass
@@ -114,10 +167,7 @@ class ImageFileDataset:
         path = self.paths[pos]
         item = DecodedItem(pos, path)
         try:
-            size = Path(path).stat().st_size
-            if size > self.max_file_bytes:
-                raise DecodeError(f"file too large: {size:,} bytes (limit {self.max_file_bytes:,})")
-            data = Path(path).read_bytes()
+            data = read_regular_file(path, self.max_file_bytes)
         except DecodeError as e:
             item.error = str(e)
             return item

@@ -53,8 +53,9 @@ def recall(ranked: list[list[str]], relevant: list[set[str]], ks=KS) -> dict[str
 
 
 def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank: bool = True, index: bool = True,
-             progress: bool | None = None, batch: int = 64) -> dict[str, Any]:
-    """The ``mmr eval --json`` document. ``rerank`` needs a reranker in the pipeline."""
+             progress: bool | None = None, batch: int = 64, mode: str = "image") -> dict[str, Any]:
+    """The ``mmr eval --json`` document. ``rerank`` needs a reranker in the pipeline; it applies
+    in image and hybrid modes (text queries, image candidates)."""
     t0 = time.perf_counter()
     if index:
         pipeline.index(table, progress=progress)
@@ -65,18 +66,25 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
     store.require()
     encoder.warm_up()
     store.check_compatible(encoder.info())
+    mode = pipeline._resolve_mode(mode)
     depth = max(candidates, max(KS))
+    reranker = pipeline.reranker if rerank and mode in ("image", "hybrid") else None
+    opts = pipeline.config.search
     first: list[list[Any]] = []
     for s in range(0, len(captions), batch):
         vecs = encoder.encode_text(captions[s : s + batch])
-        first.extend(store.search(vecs, depth))
+        if mode == "hybrid":
+            first.extend(store.hybrid_search(v, depth, ranker=opts.hybrid_ranker, weights=tuple(opts.hybrid_weights),
+                                             rrf_k=opts.rrf_k, images_only=reranker is not None) for v in vecs)
+        else:
+            first.extend(store.search(vecs, depth, mode=mode))
     doc: dict[str, Any] = {
         "n_queries": len(captions),
         "gallery": store.count(),
+        "mode": mode,
         "first_stage": recall([[h.id for h in hits] for hits in first], relevant),
         "candidates": candidates,
     }
-    reranker = pipeline.reranker if rerank else None
     if reranker is not None:
         reranked = [reranker.rerank(c, hits[:candidates], max(KS)) for c, hits in zip(captions, first)]
         doc["reranked"] = recall([[h.id for h in hits] for hits in reranked], relevant)

@@ -74,6 +74,7 @@ class Plan:
 
     add: list[Record] = field(default_factory=list)
     check: list[Record] = field(default_factory=list)
+    texts: list[Record] = field(default_factory=list)  # new text-only items (table rows without a path)
     remove: dict[str, set[str]] = field(default_factory=dict)  # path -> ids
     unchanged: int = 0
 
@@ -82,6 +83,7 @@ class Plan:
             "add": [str(r.path) for r in self.add],
             "check": [str(r.path) for r in self.check],
             "remove": sorted(self.remove),
+            "add_text": [r.embed_text for r in self.texts],
             "unchanged": self.unchanged,
         }
 
@@ -106,13 +108,26 @@ class Indexer:
         plan = Plan()
         listed: dict[str, Record] = {}
         for rec in src.records():
+            if rec.path is None:  # a text-only item: its id is its text's hash
+                if not rec.embed_text:
+                    continue
+                tid = text_item_id(rec.embed_text)
+                if tid in self.rows and _same_text_row(rec, self.rows[tid]):
+                    plan.unchanged += 1
+                elif tid in self.rows or tid in {text_item_id(t.embed_text) for t in plan.texts}:
+                    report.duplicates += 1
+                else:
+                    plan.texts.append(rec)
+                continue
             path = str(rec.path)
             if path in listed:  # a table may list one image twice: the first row wins
                 report.duplicates += 1
                 continue
             reason = _bad_path(path)
             if reason:
-                report.failed.append(Failure(path.encode("utf-8", "replace").decode("utf-8"), reason))
+                # the name's real bytes, escaped (caf\xe9.png), so the user can find the file;
+                # "replace" turned every such name into the same "caf?.png"
+                report.failed.append(Failure(os.fsencode(path).decode("utf-8", "backslashreplace"), reason))
                 continue
             listed[path] = rec
             ids = self.ids_by_path.get(path, set())
@@ -149,6 +164,7 @@ class Indexer:
             report.failed[:0] = [Failure(p, e) for p, e in src.problems]
             self.tokens = pipe.token_writer()
             self._encode(plan.add + plan.check, report)
+            self._encode_texts(plan.texts, report)
             report.unchanged += plan.unchanged
             if plan.remove:
                 gone = {i for ids in plan.remove.values() for i in ids}
@@ -190,6 +206,7 @@ class Indexer:
                         if self.tokens is not None:
                             self.tokens.add(it.id, toks[vec])
                     seen.add(it.id)
+                self._add_text_vectors(new_rows)
                 if self.tokens is not None:
                     self.tokens.commit()  # (1) tokens before rows
                 failpoints.hit("after_tokens")
@@ -209,6 +226,34 @@ class Indexer:
                     self.on_progress(len(items))
         finally:
             bar.close()
+
+    def _add_text_vectors(self, rows: list[dict[str, Any]]) -> None:
+        """Rows whose record has text get that text's embedding from the same encoder."""
+        pending = [(r, t) for r in rows if (t := r.pop("_text", None))]
+        if pending:
+            vectors = self.pipeline.encoder.encode_text([t for _, t in pending])
+            for (r, _), vec in zip(pending, vectors):
+                r["text_vector"] = vec
+
+    def _encode_texts(self, records: list[Record], report: IndexReport) -> None:
+        """Text-only items: a text vector, a zero image vector (never searched: has_image false)."""
+        import hashlib
+
+        import numpy as np
+
+        encoder = self.pipeline.encoder
+        for start in range(0, len(records), 256):
+            chunk = records[start : start + 256]
+            vectors = encoder.encode_text([r.embed_text for r in chunk])
+            rows = [{
+                "id": text_item_id(r.embed_text), "vector": np.zeros(encoder.dim, np.float32), "text_vector": v, "has_image": False,
+                "path": "", "content_hash": hashlib.sha256(r.embed_text.encode()).hexdigest(), "caption": r.caption or r.embed_text,
+                "metadata": r.metadata, "file_size": 0, "mtime_ns": 0,
+            } for r, v in zip(chunk, vectors)]
+            self.pipeline.store.upsert(rows)
+            for row in rows:
+                self.rows[row["id"]] = row
+            report.indexed += len(rows)
 
     def _known(self, rec: Record, item_id: str, refresh: list, report: IndexReport) -> None:
         """Content already indexed: a copy of a file that is still there, a moved file, or the
@@ -235,7 +280,9 @@ class Indexer:
             if old is not None:
                 size, mtime = _stat(rec.path)
                 rows.append({"id": item_id, "vector": old["vector"], "path": str(rec.path), "content_hash": old["content_hash"],
-                             "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime})
+                             "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
+                             "_text": rec.embed_text})
+        self._add_text_vectors(rows)  # the text may have changed: embed it again (cheap)
         store.upsert(rows)
 
     def _delete(self, ids: set[str]) -> None:
@@ -292,4 +339,16 @@ def _row(rec: Record, it: Any, vector: Any) -> dict[str, Any]:
     return {
         "id": it.id, "vector": vector, "path": str(rec.path), "content_hash": it.digest,
         "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
+        "_text": rec.embed_text,  # replaced by its text vector before the row is stored
     }
+
+
+def text_item_id(text: str) -> str:
+    """A text-only item's id: hex like image ids (content-derived, so re-indexing is idempotent)."""
+    import hashlib
+
+    return hashlib.sha256(b"text\0" + text.encode("utf-8")).hexdigest()[:32]
+
+
+def _same_text_row(rec: Record, row: dict[str, Any]) -> bool:
+    return (rec.caption or rec.text or "") == (row.get("caption") or "") and (rec.metadata or {}) == (row.get("metadata") or {})

@@ -46,16 +46,18 @@ def validate_query(query: Any) -> str:
     return q
 
 
-def open_source(source: str | Path | Source) -> Source:
+def open_source(source: str | Path | Source, *, text_columns: list[str] | None = None) -> Source:
     """A folder -> ``source/folder``; a .csv/.parquet/.jsonl file -> ``source/table``."""
     if isinstance(source, Source):
         return source
     p = Path(source).expanduser()
     if p.is_dir():
+        if text_columns:
+            raise InputError("--text-columns applies to tables; a folder has no columns")
         return registry.create("source", "folder", {"path": str(p)})
     if p.is_file():
         if p.suffix.lower() in TABLE_EXTENSIONS:
-            return registry.create("source", "table", {"path": str(p)})
+            return registry.create("source", "table", {"path": str(p), "text_columns": list(text_columns or [])})
         raise InputError(f"{p} is neither a folder nor a table ({', '.join(TABLE_EXTENSIONS)}); pass a folder of images or a table")
     raise InputError(f"source not found: {p}")
 
@@ -165,13 +167,13 @@ class Pipeline:
 
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None,
-              on_progress: Callable[[int], None] | None = None) -> IndexReport:
+              on_progress: Callable[[int], None] | None = None, text_columns: list[str] | None = None) -> IndexReport:
         """Embed and store every image of a folder or table. Idempotent and crash-safe: ids derive
         from content, so re-running adds nothing, a changed file replaces its old entry, a moved
         file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
         from .indexing import Indexer
 
-        return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source))
+        return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source, text_columns=text_columns))
 
     def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None) -> IndexReport:
         """Bring the collection in step with a folder or table: add new files, replace changed
@@ -189,17 +191,30 @@ class Pipeline:
     # ---- searching -------------------------------------------------------------------------
     def search(
         self,
-        query: str,
+        query: str | None = None,
         *,
+        image: str | Path | bytes | None = None,
+        image_id: str | None = None,
+        mode: str | None = None,
         k: int | None = None,
         candidates: int | None = None,
         filter: str = "",
         rerank: bool | None = None,
     ) -> SearchResult:
-        """Text-to-image search: the first stage retrieves ``candidates``, the reranker (when
-        configured and ``rerank`` is not False) rescores them, the best ``k`` are returned."""
-        q = validate_query(query)
-        opts = config_from_dict(SearchConfig, {**vars(self.config.search), **prune_none({"k": k, "candidates": candidates, "rerank": rerank})}, where="search options")
+        """Search by text (``query``) or by image (``image``: a path, URL or bytes; or ``image_id``:
+        an indexed item), against image vectors (``mode="image"``), the items' text vectors
+        (``"text"``) or both fused by Milvus (``"hybrid"``); ``"auto"`` (the default) is hybrid when
+        the collection holds text vectors, else image.
+
+        The reranker (when configured and ``rerank`` is not False) rescores the first stage's
+        ``candidates`` when the query is text and the candidates are images (image and hybrid
+        modes); otherwise the first-stage order is returned (``result.reranked`` says which).
+        """
+        given = [x is not None for x in (query, image, image_id)]
+        if sum(given) != 1:
+            raise InputError("give exactly one of a text query, --image PATH_OR_URL, or an image id")
+        q = validate_query(query) if query is not None else None
+        opts = config_from_dict(SearchConfig, {**vars(self.config.search), **prune_none({"k": k, "candidates": candidates, "rerank": rerank, "mode": mode})}, where="search options")
         if opts.k < 1 or opts.candidates < 1:
             raise InputError(f"--k and --candidates must be at least 1 (got k={opts.k}, candidates={opts.candidates})")
         if opts.candidates > MAX_CANDIDATES or opts.k > MAX_CANDIDATES:
@@ -211,29 +226,100 @@ class Pipeline:
         if not getattr(self, "_checked", False):
             store.check_compatible(encoder.info())
             self._checked = True
-        reranker = self.reranker if opts.rerank else None
+        mode = self._resolve_mode(opts.mode)
+        reranker = self.reranker if (opts.rerank and q is not None and mode in ("image", "hybrid")) else None
         if reranker is not None:
             reranker.warm_up()
+
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        vec = encoder.encode_text([q])
+        if q is not None:
+            vec = encoder.encode_text([q])
+        elif image_id is not None:
+            vec = self._stored_vector(image_id)
+        else:
+            vec = encode_image_query(encoder, image)
         timings["encode"] = (time.perf_counter() - t) * 1000
         limit = max(opts.candidates, opts.k) if reranker is not None else opts.k
         t = time.perf_counter()
-        hits = store.search(vec, limit, filter)[0]
+        if mode == "hybrid":
+            hits = store.hybrid_search(vec[0], limit, filter, ranker=opts.hybrid_ranker, weights=tuple(opts.hybrid_weights),
+                                       rrf_k=opts.rrf_k, images_only=reranker is not None)
+        else:
+            hits = store.search(vec, limit, filter, mode=mode)[0]
         timings["search"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        if reranker is not None:
-            hits = reranker.rerank(q, hits, opts.k)
-        else:
-            hits = hits[: opts.k]
+        hits = reranker.rerank(q, hits, opts.k) if reranker is not None else hits[: opts.k]
         timings["rerank"] = (time.perf_counter() - t) * 1000
         timings["total"] = timings["encode"] + timings["search"] + timings["rerank"]
-        return SearchResult(query=q, hits=hits, timings_ms=timings, reranked=reranker is not None)
+        label = q if q is not None else (f"image:{image_id}" if image_id is not None else f"image:{_image_label(image)}")
+        return SearchResult(query=label, hits=hits, timings_ms=timings, reranked=reranker is not None, mode=mode)
+
+    def _resolve_mode(self, mode: str) -> str:
+        if mode == "auto":
+            if getattr(self, "_auto_mode", None) is None:
+                has_text = hasattr(self.store, "count_with_text") and self.store.count_with_text() > 0
+                self._auto_mode = "hybrid" if has_text else "image"
+            return self._auto_mode
+        if mode not in ("image", "text", "hybrid"):
+            raise InputError(f"unknown --mode {mode!r}; use auto, image, text or hybrid")
+        if mode in ("text", "hybrid") and not self.store.count_with_text():
+            raise InputError(
+                f"--mode {mode} needs text vectors, and collection {self.store.name!r} has none: index a table with a "
+                "caption column (or --text-columns), or search with --mode image"
+            )
+        return mode
+
+    def _stored_vector(self, item_id: str) -> np.ndarray:
+        rows = self.store.get([item_id], fields=["id", "vector", "has_image"])
+        if not rows or not rows[0].get("has_image", True):
+            raise InputError(f"no indexed image with id {item_id!r}")
+        return np.asarray([rows[0]["vector"]], dtype=np.float32)
 
     def search_vectors(self, vectors: np.ndarray, limit: int, filter: str = ""):
         """The first stage alone, for precomputed query vectors."""
         return self.store.search(vectors, limit, filter)
+
+
+MAX_IMAGE_QUERY_BYTES = 20 * 1024 * 1024
+
+
+def read_image_query(image: str | Path | bytes) -> bytes:
+    """The bytes of an image query: a file, an http(s) URL (bounded), or bytes as given."""
+    if isinstance(image, bytes):
+        data = image
+    elif str(image).startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(str(image), timeout=15) as resp:  # noqa: S310 (http(s) only)
+                data = resp.read(MAX_IMAGE_QUERY_BYTES + 1)
+        except OSError as e:
+            raise InputError(f"cannot fetch the image query {image}: {e}") from e
+    else:
+        p = Path(image).expanduser()
+        if not p.is_file():
+            raise InputError(f"image query not found: {p}")
+        data = p.read_bytes()[: MAX_IMAGE_QUERY_BYTES + 1]
+    if len(data) > MAX_IMAGE_QUERY_BYTES:
+        raise InputError(f"the image query is larger than {MAX_IMAGE_QUERY_BYTES // (1024 * 1024)} MiB")
+    return data
+
+
+def encode_image_query(encoder: Any, image: str | Path | bytes) -> np.ndarray:
+    """[1, D] embedding of an image query (decoded with the same safety limits as indexing)."""
+    from .decode import DecodeError, decode_image
+
+    try:
+        pil = decode_image(read_image_query(image))
+    except DecodeError as e:
+        raise InputError(f"the image query is not a usable image: {e}") from e
+    emb, _ = encoder.encode_pixels(encoder.image_transform(pil).unsqueeze(0))
+    return emb
+
+
+def _image_label(image: Any) -> str:
+    return f"<{len(image)} bytes>" if isinstance(image, bytes) else str(image)
 
 
 class _NoBar:

@@ -11,9 +11,15 @@ from typing import Any
 class Record:
     """One item a source offers for indexing: an image file and its text/metadata."""
 
-    path: Path  # absolute
+    path: Path | None  # absolute; None for a text-only item
     caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None  # what gets a text vector; None: the caption
+
+    @property
+    def embed_text(self) -> str | None:
+        """The text this item's text vector is computed from (None: no text vector)."""
+        return self.text if self.text is not None else self.caption
 
 
 @dataclass
@@ -36,9 +42,16 @@ class Hit:
     caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
+    has_image: bool = True  # False for text-only items (a table row without a path)
+    image_score: float | None = None  # hybrid search: the image-vector similarity (the reranker's input)
+
+    @property
+    def first_stage_image_score(self) -> float:
+        """The image-text cosine the reranker builds on."""
+        return self.retrieval_score if self.image_score is None else self.image_score
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "rank": self.rank,
             "id": self.id,
             "path": self.path,
@@ -47,6 +60,11 @@ class Hit:
             "caption": self.caption,
             "metadata": self.metadata,
         }
+        if not self.has_image:
+            doc["has_image"] = False
+        if self.image_score is not None:
+            doc["image_score"] = self.image_score
+        return doc
 
 
 @dataclass
@@ -57,10 +75,12 @@ class SearchResult:
     hits: list[Hit]
     timings_ms: dict[str, float]
     reranked: bool = False
+    mode: str = "image"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "query": self.query,
+            "mode": self.mode,
             "hits": [h.to_dict() for h in self.hits],
             "reranked": self.reranked,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},

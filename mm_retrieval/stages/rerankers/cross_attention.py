@@ -139,7 +139,7 @@ class CrossAttentionReranker(Reranker):
             return np.zeros(0), None, None
         memory = torch.from_numpy(self.memories([h.id for h in hits])).to(self.device)
         _, tokens, mask = self.encoder.encode_text_tokens([query])
-        retrieval = torch.tensor([h.retrieval_score for h in hits], dtype=torch.float32, device=self.device)
+        retrieval = torch.tensor([h.first_stage_image_score for h in hits], dtype=torch.float32, device=self.device)
         with torch.inference_mode(), self._autocast():
             out = self.model(
                 tokens.to(self.device), mask.to(self.device), memory, retrieval,

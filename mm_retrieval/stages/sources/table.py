@@ -1,11 +1,16 @@
-"""Source ``table``: rows of a .csv/.parquet/.jsonl table (``path``, ``caption``, metadata)."""
+"""Source ``table``: rows of a .csv/.parquet/.jsonl table (``path``, ``caption``, metadata).
+
+A row without a path (an empty ``path`` cell) but with text becomes a text-only item: it gets a
+text vector and no image, so image queries can find it through its text.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import InputError
 from ...registry import register
 from ...tables import json_safe, read_table, resolve_path
 from ...types import Record
@@ -16,6 +21,8 @@ from ..base import Source
 class TableConfig:
     path: str = ""
     caption_column: str = "caption"
+    # columns whose values (joined with ". ") get the text vector; default: the caption column
+    text_columns: list[str] = field(default_factory=list)
 
 
 @register("source", "table")
@@ -28,12 +35,24 @@ class TableSource(Source):
         table = Path(self.config.path).expanduser().resolve()
         df = read_table(table)
         cap = self.config.caption_column
+        text_cols = list(self.config.text_columns) or ([cap] if cap in df.columns else [])
+        unknown = [c for c in text_cols if c not in df.columns]
+        if unknown:
+            raise InputError(
+                f"--text-columns {', '.join(unknown)} not in table {table} (columns: {', '.join(map(str, df.columns))})"
+            )
         meta_cols = [c for c in df.columns if c not in ("path", cap)]
         for row in df.to_dict(orient="records"):
             raw_caption = json_safe(row.get(cap)) if cap in row else None
             metadata = {str(c): v for c in meta_cols if (v := json_safe(row[c])) is not None}
-            yield Record(
-                path=resolve_path(table, row["path"]),
-                caption=None if raw_caption is None else str(raw_caption),
-                metadata=metadata,
-            )
+            parts = [str(v).strip() for c in text_cols if (v := json_safe(row[c])) is not None and str(v).strip()]
+            path_cell = json_safe(row["path"])
+            text = ". ".join(parts) or None
+            if path_cell is None or not str(path_cell).strip():
+                if text is None:
+                    self._problems = [*self.problems, (f"{table} (a row)", "row has neither a path nor text; skipped")]
+                    continue
+                path = None
+            else:
+                path = resolve_path(table, path_cell)
+            yield Record(path=path, caption=None if raw_caption is None else str(raw_caption), metadata=metadata, text=text)

@@ -26,11 +26,14 @@ from ..base import Store, batched
 log = logging.getLogger(__name__)
 
 ENCODER_PROPERTY = "mmr.encoder"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: a text vector beside the image vector
 MAX_PATH = 4096
 MAX_TEXT = 65535
-ROW_FIELDS = ["id", "path", "content_hash", "caption", "metadata", "file_size", "mtime_ns"]
-HIT_FIELDS = ["path", "caption", "metadata"]
+ROW_FIELDS = ["id", "path", "content_hash", "caption", "metadata", "file_size", "mtime_ns", "has_image", "has_text"]
+HIT_FIELDS = ["path", "caption", "metadata", "has_image", "has_text"]
+# Which vector field a search mode reads, and which rows it considers: items without an image (or
+# without text) hold a zero vector there, kept out of results by this condition.
+MODE_FIELDS = {"image": ("vector", "has_image == true"), "text": ("text_vector", "has_text == true")}
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,10 @@ class MilvusStore(Store):
         dim = int(encoder_info["dim"])
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)  # the image embedding
+        schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=dim)  # the item's text embedding
+        schema.add_field("has_image", DataType.BOOL)
+        schema.add_field("has_text", DataType.BOOL)
         schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH)
         schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("caption", DataType.VARCHAR, max_length=MAX_TEXT)
@@ -183,9 +189,11 @@ class MilvusStore(Store):
         schema.add_field("file_size", DataType.INT64)
         schema.add_field("mtime_ns", DataType.INT64)
         index = self.client.prepare_index_params()
-        index.add_index(
-            field_name="vector", index_type=self.config.index_type, metric_type=self.config.metric, params=dict(self.config.index_params)
-        )
+        for vector_field in ("vector", "text_vector"):
+            index.add_index(
+                field_name=vector_field, index_type=self.config.index_type, metric_type=self.config.metric,
+                params=dict(self.config.index_params),
+            )
         props = {ENCODER_PROPERTY: json.dumps(encoder_info, sort_keys=True), "mmr.schema": SCHEMA_VERSION}
         self._call(
             "create_collection", self.client.create_collection,
@@ -275,15 +283,86 @@ class MilvusStore(Store):
             out.extend(self._call("get", self.client.get, self.name, ids=chunk, output_fields=list(fields)))
         return out
 
-    def search(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[Hit]]:
+    def has_text_vectors(self) -> bool:
+        """Whether this collection has a text vector field (collections from schema 1 don't)."""
+        if not self.exists():
+            return False
+        if getattr(self, "_fields", None) is None:
+            desc = self._call("describe_collection", self.client.describe_collection, self.name)
+            self._fields = {f["name"] for f in desc.get("fields", [])}
+        return "text_vector" in self._fields
+
+    def count_with_text(self) -> int:
+        if not self.has_text_vectors():
+            return 0
+        self._ensure_loaded()
+        res = self._call("count", self.client.query, self.name, filter="has_text == true", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image") -> list[list[Hit]]:
+        """``mode`` "image" searches image vectors, "text" the items' text vectors."""
         self._wait_for_index()
+        field, only = self._mode_field(mode)
         data = np.asarray(vectors, dtype=np.float32)
         params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
+        res = self._searching(filter, lambda: self.client.search(
+            self.name, data=data.tolist(), limit=limit, filter=_and(only, filter), output_fields=HIT_FIELDS,
+            search_params=params, anns_field=field,
+        ))
+        sign = -1.0 if self.config.metric.upper() == "L2" else 1.0  # L2: smaller is closer
+        return [[_hit(r, sign * float(r["distance"]), i) for i, r in enumerate(hits)] for hits in res]
+
+    def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
+                      weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60, images_only: bool = False) -> list[Hit]:
+        """One query vector against image and text vectors, fused by Milvus' own RRF or weighted
+        ranker. Each hit's ``image_score`` is its image-vector similarity (what a reranker builds
+        on). ``images_only`` keeps text-only items out (for reranking, which needs images)."""
+        from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
+
+        self._wait_for_index()
+        if not self.has_text_vectors():
+            raise InputError(f"collection {self.name!r} has no text vectors; re-create it with this version (index into a new --collection)")
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
+        image_only = "has_image == true"
+        requests = [
+            AnnSearchRequest(data=[q.tolist()], anns_field="vector", param=params, limit=limit, expr=_and(image_only, filter)),
+            AnnSearchRequest(data=[q.tolist()], anns_field="text_vector", param=params, limit=limit,
+                             expr=_and("has_text == true" + (" and has_image == true" if images_only else ""), filter)),
+        ]
+        if ranker == "rrf":
+            fuse = RRFRanker(rrf_k)
+        elif ranker == "weighted":
+            fuse = WeightedRanker(*weights)
+        else:
+            raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
+        res = self._searching(filter, lambda: self.client.hybrid_search(
+            self.name, requests, ranker=fuse, limit=limit, output_fields=[*HIT_FIELDS, "vector"],
+        ))[0]
+        hits = []
+        for i, r in enumerate(res):
+            hit = _hit(r, float(r["distance"]), i)
+            if hit.has_image:
+                hit.image_score = float(np.dot(np.asarray(r["entity"]["vector"], dtype=np.float32), q))
+            hits.append(hit)
+        return hits
+
+    def _mode_field(self, mode: str) -> tuple[str, str]:
+        if mode not in MODE_FIELDS:
+            raise InputError(f"unknown search mode {mode!r}; use image, text or hybrid")
+        if mode == "text" and not self.has_text_vectors():
+            raise InputError(f"collection {self.name!r} has no text vectors; re-create it with this version (index into a new --collection)")
+        field, only = MODE_FIELDS[mode]
+        return field, (only if self.has_text_vectors() else "")
+
+    def _searching(self, filter: str, call):
+        if filter:
+            try:  # a lone surrogate (e.g. a non-UTF-8 argv byte) can't even be sent to Milvus
+                filter.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"invalid --filter expression {filter!r}: it is not valid Unicode text; pass plain text") from None
         try:
-            res = self.client.search(
-                self.name, data=data.tolist(), limit=limit, filter=filter or "", output_fields=HIT_FIELDS,
-                search_params=params, anns_field="vector",
-            )
+            return call()
         except Exception as e:
             if filter and _is_expression_error(e):
                 raise InputError(
@@ -291,18 +370,6 @@ class MilvusStore(Store):
                     "over the fields path, caption and metadata, e.g. 'metadata[\"year\"] >= 2020 and caption like \"%dog%\"'"
                 ) from e
             raise StoreError(f"Milvus search failed on collection {self.name!r}: {_short(e)}", retriable=_retriable(e)) from e
-        sign = -1.0 if self.config.metric.upper() == "L2" else 1.0  # L2: smaller is closer
-        return [
-            [
-                Hit(
-                    id=str(r["id"]), path=r["entity"].get("path", ""), score=sign * float(r["distance"]),
-                    retrieval_score=sign * float(r["distance"]), caption=r["entity"].get("caption") or None,
-                    metadata=r["entity"].get("metadata") or {}, rank=i + 1,
-                )
-                for i, r in enumerate(hits)
-            ]
-            for hits in res
-        ]
 
     def _wait_for_index(self) -> None:
         """A server builds indexes asynchronously; wait (bounded) until it has caught up."""
@@ -323,10 +390,28 @@ class MilvusStore(Store):
         self._index_ready = True
 
 
+def _and(*conditions: str) -> str:
+    return " and ".join(f"({c})" for c in conditions if c)
+
+
+def _hit(r: dict[str, Any], score: float, i: int) -> Hit:
+    e = r["entity"]
+    return Hit(
+        id=str(r["id"]), path=e.get("path", ""), score=score, retrieval_score=score, caption=e.get("caption") or None,
+        metadata=e.get("metadata") or {}, rank=i + 1, has_image=e.get("has_image", True),
+    )
+
+
 def _clean_row(r: dict[str, Any]) -> dict[str, Any]:
+    vector = np.asarray(r["vector"], dtype=np.float32)
+    text_vector = r.get("text_vector")
     return {
         "id": r["id"],
-        "vector": np.asarray(r["vector"], dtype=np.float32).tolist(),
+        "vector": vector.tolist(),
+        # no text: a zero vector, never returned (text searches only consider has_text rows)
+        "text_vector": (np.zeros_like(vector) if text_vector is None else np.asarray(text_vector, dtype=np.float32)).tolist(),
+        "has_image": bool(r.get("has_image", True)),
+        "has_text": text_vector is not None,
         "path": r["path"],
         "content_hash": r.get("content_hash", ""),
         "caption": (r.get("caption") or "")[:MAX_TEXT // 4],  # bytes: up to 4 per char in UTF-8
@@ -354,5 +439,11 @@ def _retriable(e: Exception) -> bool:
 
 
 def _is_expression_error(e: Exception) -> bool:
+    # Milvus Lite reports every filter it can't parse or type-check with code 6 (messages such as
+    # "unterminated string literal", "unknown function", "must evaluate to bool" matched none of
+    # the words below) and a too deeply nested one as "maximum recursion depth exceeded"; a
+    # server uses code 1100 (ParameterInvalid) and words like "cannot parse expression".
+    if getattr(e, "code", None) in (6, 1100):
+        return True
     text = str(e).lower()
-    return any(w in text for w in ("token", "expr", "parse", "field", "invalid", "syntax", "cannot"))
+    return any(w in text for w in ("token", "expr", "parse", "field", "invalid", "syntax", "cannot", "literal", "recursion"))
