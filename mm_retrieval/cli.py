@@ -237,6 +237,34 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
               f"(final loss {res.final_loss}) -> {res.out_dir}; use it with --model {res.out_dir}")
 
 
+@cli.command()
+@click.argument("query")
+@click.argument("image")
+@common_options
+@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (default: the config's).")
+@click.option("-o", "--out", "out", default="explain.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--head", type=int, help="Show one attention head instead of the mean over heads.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the maps as JSON on stdout.")
+def explain(query: str, image: str, rerank_path: str | None, out: str, head: int | None, as_json: bool, **kwargs: Any) -> None:
+    """Draw the reranker's attention over IMAGE (a file or an indexed id) for QUERY, per query word.
+
+    The PNG shows the image, the whole query's attention, and one panel per word: which image
+    regions each word looked at when the reranker scored the pair.
+    """
+    from .errors import InputError
+    from .explain import attention_maps, render_grid
+
+    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
+    ex = attention_maps(pipe, query, image)
+    if head is not None and not 0 <= head < ex.head_maps.shape[0]:
+        raise InputError(f"--head {head}: the reranker has {ex.head_maps.shape[0]} heads (0..{ex.head_maps.shape[0] - 1})")
+    path = render_grid(ex, out, head=head)
+    if as_json:
+        _emit_json({**ex.to_dict(), "png": str(path)})
+    else:
+        _echo(f"reranker {ex.score:.3f} (first stage {ex.retrieval_score:.3f}) for {len(ex.words)} words -> {path}")
+
+
 @cli.command("eval")
 @click.argument("table", type=click.Path())
 @common_options
