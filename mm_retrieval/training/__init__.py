@@ -1,5 +1,7 @@
-"""Training entry points: the dual encoder (``mmr train-encoder``)."""
+"""Training entry points: the dual encoder (``mmr train-encoder``) and the reranker
+(``mmr train-reranker``)."""
 
 from mm_retrieval.training.encoder import EncoderTrainResult, train_encoder
+from mm_retrieval.training.reranker import RerankerTrainResult, train_reranker
 
-__all__ = ["EncoderTrainResult", "train_encoder"]
+__all__ = ["EncoderTrainResult", "RerankerTrainResult", "train_encoder", "train_reranker"]
