@@ -28,6 +28,7 @@ every other key is that stage's config::
 from __future__ import annotations
 
 import dataclasses
+import stat
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .errors import ConfigError
 
 C = TypeVar("C")
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline file is a few hundred bytes
 DEFAULT_STAGE_NAMES = {"source": "auto", "encoder": "open_clip", "store": "milvus", "reranker": "cross_attention"}
 
 
@@ -92,6 +94,27 @@ def merge(config: C, overrides: dict[str, Any] | None, *, where: str = "") -> C:
     """A copy of ``config`` with the non-None ``overrides`` applied (validated)."""
     merged = {**config_to_dict(config), **prune_none(overrides or {})}
     return config_from_dict(type(config), merged, where=where)
+
+
+def _check_stage_params(spec: "StageSpec", *, where: str) -> None:
+    """Unknown keys and wrong types in a stage's section of a pipeline file, reported against the
+    file at load time (the stage itself is created later, when the file name is long gone)."""
+    from . import registry
+
+    label = f"[{spec.kind}] in {where}"
+    try:
+        stage_config = getattr(registry.get(spec.kind, spec.name), "Config", None)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from e
+    if not dataclasses.is_dataclass(stage_config):
+        return
+    fields = {f.name for f in dataclasses.fields(stage_config)}
+    unknown = sorted(set(spec.params) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} in {label}; valid keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(stage_config)
+    for key, value in spec.params.items():
+        _check_type(label, key, value, hints.get(key))
 
 
 @dataclass(frozen=True)
@@ -156,6 +179,12 @@ class PipelineConfig:
         """Read a TOML pipeline file; errors name the file and the problem."""
         p = Path(path)
         try:
+            # a FIFO or device given as --config would block or never end; a huge file is a mistake
+            st = p.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"config file {p} is not a regular file; pass a TOML file")
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {p} is {st.st_size:,} bytes; a pipeline file is at most {MAX_CONFIG_BYTES:,}")
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {p}") from e
@@ -165,7 +194,13 @@ class PipelineConfig:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
-        return cls.from_dict(data, where=str(p))
+        except RecursionError:  # tomllib recurses into nested arrays/tables: [[[[...]]]]
+            raise ConfigError(f"config file {p} is not a pipeline file: values nested too deeply") from None
+        config = cls.from_dict(data, where=str(p))
+        for spec in (config.encoder, config.store, config.reranker):
+            if spec is not None:
+                _check_stage_params(spec, where=str(p))
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -166,6 +166,8 @@ class OpenClipEncoder(Encoder):
 
         name, pretrained, weights = self._resolved
         self.device = resolve_device(self.config.device)
+        for f in _pickled_weight_files(name, pretrained):
+            _check_pickled_weights(f)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)  # random-init weights identical in every process
@@ -269,6 +271,43 @@ class OpenClipEncoder(Encoder):
         tokens = captured.get("tokens")
         mask = ids != _pad_id(self.tokenizer)
         return emb, (None if tokens is None else tokens.float()), mask
+
+
+def _pickled_weight_files(name: str, pretrained: str | None) -> list[Path]:
+    """Local pickle-based checkpoints open_clip may load for this model (not .safetensors)."""
+    if name.startswith("local-dir:"):  # the file open_clip will pick (it may prefer a .bin to a .safetensors)
+        d = Path(name[len("local-dir:"):])
+        try:
+            from open_clip.factory import _find_checkpoint_in_dir
+
+            chosen = _find_checkpoint_in_dir(d)
+            files = [Path(chosen)] if chosen else []
+        except ImportError:  # another open_clip version: check every candidate
+            files = sorted(d.glob("*.bin")) + sorted(d.glob("*.pth"))
+        return [f for f in files if f.suffix.lower() != ".safetensors"]
+    if pretrained and Path(pretrained).is_file() and Path(pretrained).suffix.lower() not in (".safetensors", ".npz", ".npy"):
+        return [Path(pretrained)]
+    return []
+
+
+def _check_pickled_weights(path: Path) -> None:
+    """Load a pickle-based checkpoint with ``torch.load(weights_only=True)`` (which never runs code
+    from the file) before open_clip does.
+
+    open_clip's ``load_state_dict`` retries a load that raised TypeError *without* weights_only,
+    and a crafted pickle can raise TypeError inside the restricted unpickler (an OrderedDict BUILD
+    with slot state): on torch < 2.6, or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, that retry
+    unpickles the whole file and runs whatever it holds. A file that loads here loads on open_clip's
+    first attempt too (same call), so the retry is never reached."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load weights file {path}: only tensor checkpoints are accepted (.safetensors, or a "
+            f".pt/.pth/.bin state dict loadable with torch.load(weights_only=True)); {type(e).__name__}: {e}"
+        ) from e
 
 
 def _model_cfg(name: str) -> dict:
