@@ -27,7 +27,7 @@ class DemoSizes:
     n_train: int = 2000
     n_test: int = 500
     encoder_epochs: int = 15
-    reranker_epochs: int = 20
+    reranker_epochs: int = 10
 
 
 QUICK = DemoSizes(n_train=240, n_test=60, encoder_epochs=2, reranker_epochs=1)
@@ -83,7 +83,7 @@ def run_demo(
 
         say(f"[3/5] training the cross-attention reranker on the training split ({sizes.reranker_epochs} epochs, hard negatives from the first stage)")
         base.encoder.warm_up()
-        train_reranker(data / "train.csv", rr_dir, encoder=base.encoder, epochs=sizes.reranker_epochs, lr=1e-3, patience=6,
+        train_reranker(data / "train.csv", rr_dir, encoder=base.encoder, epochs=sizes.reranker_epochs, lr=1e-3, patience=4,
                        progress=progress)
     else:
         say(f"[3/5] using the reranker in {rr_dir}")
