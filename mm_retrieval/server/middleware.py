@@ -1,0 +1,90 @@
+"""ASGI middleware: the API key and the request-body bound, checked before any route runs."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from starlette.exceptions import HTTPException
+
+from .errors import ApiError, family_of
+
+log = logging.getLogger(__name__)
+
+# Liveness/readiness probes and the API docs never need the key (they reveal no data).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once the body passes the bound. An HTTPException, so FastAPI's
+    body reader passes it on (it turns other errors into 400) and the app renders a 413."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body larger than {max_bytes:,} bytes; send fewer or smaller documents "
+                              "(or start the server with a larger --max-body-mb)")
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413: at once when Content-Length says so, else as
+    soon as the streamed body passes the limit (chunked uploads can't sneak past it)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        err = ApiError(413, BodyTooLarge(self.max_bytes).detail, kind="validation", exact=True)
+        await err.response(family_of(scope.get("path", "")))(scope, receive, send)
+
+
+class ApiKeyAuth:
+    """When a key is set, require it as ``Authorization: Bearer KEY`` (what the Cohere, TEI and
+    vLLM clients send) or ``X-API-Key: KEY``. Compared in constant time."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.expected is None or scope.get("path") in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        if given is not None and hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        reason = "missing API key" if given is None else "invalid API key"
+        err = ApiError(401, f"{reason}: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", kind="unauthorized", exact=True)
+        await err.response(family_of(scope.get("path", "")))(scope, receive, send)
