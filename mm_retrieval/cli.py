@@ -424,6 +424,48 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
 
 
 @cli.command()
+@click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
+              type=click.Choice(["encode", "search", "rerank", "quality", "all"]), help="Which suite(s) to run; repeat the option for several.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
+@click.option("--quick", is_flag=True, help="Tiny sizes: checks that every suite runs (seconds), numbers mean nothing.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep generated images/data here between runs (default: a temporary folder).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the JSON document to this file.")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Write the results table (e.g. benchmarks/RESULTS.md).")
+@click.option("--from", "from_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Run nothing: merge these saved --out documents (later files win per suite) and report them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout (the summary goes to stderr either way).")
+def bench(suites: tuple[str, ...], device: str, quick: bool, workdir: str | None, out_file: str | None, markdown_file: str | None,
+          from_files: tuple[str, ...], as_json: bool) -> None:
+    """Benchmarks, each figure measured side by side with what it is compared against.
+
+    \b
+    encode   indexing throughput (files -> Milvus Lite) vs the bare open_clip forward pass
+    search   our search stage vs a raw MilvusClient.search; ANN recall@10 vs exact search
+    rerank   reranker latency and token-cache bytes vs BLIP image-text matching
+    quality  first stage vs reranked Recall@K on held-out compositional captions
+    """
+    from pathlib import Path
+
+    from .bench import SUITES, merge, run_benchmarks
+    from .bench.report import human, markdown
+
+    if from_files:
+        doc = merge([json.loads(Path(f).read_text()) for f in from_files])
+    else:
+        chosen = SUITES if "all" in suites else tuple(dict.fromkeys(suites))
+        doc = run_benchmarks(chosen, device=device, quick=quick, workdir=workdir)
+    if out_file:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(json.dumps(doc, indent=2) + "\n")
+    if markdown_file:
+        Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_file).write_text(markdown(doc))
+    _echo(human(doc))
+    if as_json:
+        _emit_json(doc)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
 def plugins(as_json: bool) -> None:
     """Every registered stage (kind, name, origin) and plugins that failed to load."""

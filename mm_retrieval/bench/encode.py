@@ -1,0 +1,218 @@
+"""Suite ``encode``: indexing throughput against the bare open_clip forward pass.
+
+Measured side by side on the same device, model and batch size:
+
+* **pipeline**: ``Pipeline.index(folder)`` from image files on disk into Milvus Lite: read, hash,
+  decode and preprocess in DataLoader workers, forward pass (with patch tokens), token-cache
+  write, Milvus upsert. Model loading and the Milvus connection are warmed up outside the clock
+  (they are per-process costs, not throughput).
+* **bare forward**: ``model.encode_image`` on pre-decoded, pre-processed tensors already on the
+  device, under the same autocast the encoder stage uses; as many images as the pipeline run.
+
+The ratio pipeline/bare is the DESIGN target (>= 0.9: decoding overlaps compute). Each pipeline run
+is paired with a bare run right before it, so load from other processes hits both. Worker count
+and batch size are swept around the product defaults (``workers=2``, ``batch_size=64``).
+
+Model choice: on CUDA ``ViT-B-32`` (random weights); on CPU ``mmr-small`` (64 px input, random
+weights), because ViT-B-32 runs at a few images/s on a 2-core CPU and the suite must finish in
+minutes. With mmr-small, decoding a 256-640 px photo costs as much as the forward pass, which is
+exactly the regime where overlap matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .images import generate_images
+from .timing import clock, figure, median
+
+log = logging.getLogger(__name__)
+
+BARE_BATCHES = 6  # batches per bare-forward measurement (one before and one after each pipeline run)
+
+
+@dataclass(frozen=True)
+class EncodeSizes:
+    model: str
+    images: int
+    batch_size: int  # the headline configuration (the product default)
+    workers: int
+    repeats: int  # headline pipeline/bare pairs
+    sweep_workers: tuple[int, ...]
+    sweep_batch: tuple[int, ...]
+    min_side: int = 256
+    max_side: int = 640
+
+
+def sizes_for(device: str, quick: bool) -> EncodeSizes:
+    if quick:
+        return EncodeSizes("mmr-tiny", images=16, batch_size=8, workers=0, repeats=1, sweep_workers=(), sweep_batch=(),
+                           min_side=64, max_side=128)
+    if device.startswith("cuda"):
+        return EncodeSizes("ViT-B-32", images=2000, batch_size=64, workers=2, repeats=3, sweep_workers=(0, 1, 4, 8),
+                           sweep_batch=(128, 256))
+    return EncodeSizes("mmr-small", images=1000, batch_size=64, workers=2, repeats=3, sweep_workers=(0, 1),
+                       sweep_batch=(32, 128))
+
+
+def run(workdir: Path, device: str, quick: bool = False, sizes: EncodeSizes | None = None) -> dict[str, Any]:
+    """Run the suite in ``workdir``; returns its JSON section."""
+    import torch
+
+    sizes = sizes or sizes_for(device, quick)
+    paths = generate_images(workdir / f"images-{sizes.images}-{sizes.min_side}-{sizes.max_side}", sizes.images,
+                            min_side=sizes.min_side, max_side=sizes.max_side)
+    folder = paths[0].parent
+    db = workdir / "encode.db"
+    threads = torch.get_num_threads()
+    # On a CPU, decoding workers and torch's intra-op threads compete for the same cores; the
+    # "fewer threads" runs measure the fix proposed in benchmarks/README.md (threads = cores - workers).
+    fewer = max(1, threads - sizes.workers) if device == "cpu" and sizes.workers and not quick else None
+    head = dict(batch=sizes.batch_size, workers=sizes.workers, tokens=True, threads=threads)
+    plan: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(sizes.repeats):  # headline and fewer-threads runs alternate: same load on both
+        plan.append(("headline", head))
+        if fewer is not None and fewer != threads:
+            plan.append(("fewer_threads", {**head, "threads": fewer}))
+    plan += [("sweep", {**head, "workers": w}) for w in sizes.sweep_workers]
+    plan += [("sweep", {**head, "batch": b}) for b in sizes.sweep_batch]
+    plan.append(("sweep", {**head, "tokens": False}))  # what the token-cache write costs
+
+    runs = []
+    for i, (group, cfg) in enumerate(plan):
+        runs.append({"group": group, **_pair(db, f"enc_{i}", folder, len(paths), sizes.model, device, **cfg)})
+        log.info("bench encode: %s", runs[-1])
+    torch.set_num_threads(threads)
+    shutil.rmtree(workdir / "encode.db.mmr", ignore_errors=True)
+
+    heads = [r for r in runs if r["group"] == "headline"]
+    ratio = median([r["ratio"] for r in heads])
+    pipe_ips = median([r["pipeline_img_s"] for r in heads])
+    bare_ips = median([r["bare_img_s"] for r in heads])
+    decode_ms = _decode_cost(paths[: min(64, len(paths))], sizes.model)
+    out = {
+        "model": sizes.model,
+        "pretrained": "none (random weights, seeded)",
+        "device": device,
+        "images": len(paths),
+        "image_sides_px": [sizes.min_side, sizes.max_side],
+        "formats": "JPEG q90 (80%) and PNG (20%), photo-like (gradients, shapes, noise)",
+        "decode_ms_per_image_one_process": decode_ms,
+        "cpu_ceiling": _cpu_ceiling(device, bare_ips, decode_ms),
+        "throughput": figure(
+            pipe_ips, "images/s", "bare open_clip forward on pre-decoded tensors (same device, model, batch)", bare_ips,
+            ratio_is="pipeline / bare (median of per-pair ratios: %.4f)" % ratio,
+            batch_size=sizes.batch_size, workers=sizes.workers, threads=threads, pairs=len(heads),
+        ),
+        "ratio_median": round(ratio, 4),
+        "runs": runs,
+    }
+    fixed = [r for r in runs if r["group"] == "fewer_threads"]
+    if fixed:
+        gains = [f["pipeline_img_s"] / h["pipeline_img_s"] for h, f in zip(heads, fixed)]
+        vs_default_bare = [f["pipeline_img_s"] / h["bare_img_s"] for h, f in zip(heads, fixed)]
+        out["fewer_threads"] = {
+            "threads": fewer, "default_threads": threads, "workers": sizes.workers,
+            "pipeline_img_s": round(median([f["pipeline_img_s"] for f in fixed]), 2),
+            "gain": figure(median(gains), "x", f"the same pipeline with torch's default {threads} threads", 1.0,
+                           ratio_is="pipeline img/s with fewer threads / with default threads, median of adjacent pairs"),
+            "ratio_vs_default_bare": round(median(vs_default_bare), 4),
+            "ratio_vs_own_bare": round(median([f["ratio"] for f in fixed]), 4),
+        }
+    return out
+
+
+def _pair(db: Path, collection: str, folder: Path, n: int, model: str, device: str, batch: int, workers: int,
+          tokens: bool, threads: int) -> dict[str, Any]:
+    """One bare-forward run, one pipeline run of the same images, one more bare run; throughputs."""
+    import torch
+
+    from ..pipeline import Pipeline
+
+    torch.set_num_threads(threads)
+    pipe = Pipeline(db=str(db), collection=collection, device=device, cache_tokens=tokens,
+                    encoder={"model": model, "pretrained": "none", "batch_size": batch, "workers": workers})
+    encoder = pipe.encoder
+    encoder.warm_up()
+    pipe.store.drop()  # a fresh collection: nothing may count as "unchanged"
+    # Bare runs right before and right after the pipeline run, so load that changes during it
+    # (other processes on a shared box) weighs on both sides alike.
+    bare_n = min(n, BARE_BATCHES * batch)
+    before = _bare_forward_seconds(encoder, folder, bare_n, batch, device)
+    pipe_s, report = clock(lambda: pipe.index(folder, progress=False), device)
+    after = _bare_forward_seconds(encoder, folder, bare_n, batch, device)
+    bare_ips = 2 * bare_n / (before + after)
+    if report.indexed != n:
+        log.warning("bench encode: indexed %d of %d images (%s)", report.indexed, n, report.failed[:3])
+    pipe.store.drop()  # frees the disk space of vectors and token caches
+    return {
+        "batch_size": batch, "workers": workers, "threads": threads, "token_cache": tokens, "indexed": report.indexed,
+        "pipeline_img_s": round(report.indexed / pipe_s, 2), "bare_img_s": round(bare_ips, 2),
+        "bare_img_s_before_after": [round(bare_n / before, 2), round(bare_n / after, 2)],
+        "ratio": round((report.indexed / pipe_s) / bare_ips, 4),
+    }
+
+
+def _bare_forward_seconds(encoder: Any, folder: Path, n: int, batch: int, device: str) -> float:
+    """Seconds for ``n`` images through ``model.encode_image`` on device-resident tensors.
+
+    One real batch is decoded and preprocessed up front and fed ``ceil(n / batch)`` times (the
+    forward cost does not depend on pixel values), so memory stays at one batch.
+    """
+    import torch
+
+    from ..decode import decode_image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png"))[:batch]
+    pixels = torch.stack([encoder.image_transform(decode_image(p.read_bytes())) for p in files]).to(device)
+    # The stage's own autocast choice (bf16/fp16 on CUDA, none on CPU), so both sides match.
+    autocast = getattr(encoder, "_autocast", contextlib.nullcontext)
+    full, rest = divmod(n, batch)
+    chunks = [pixels] * full + ([pixels[:rest]] if rest else [])
+
+    def forward():
+        with torch.inference_mode(), autocast():
+            for x in chunks:
+                encoder.model.encode_image(x)
+
+    with torch.inference_mode(), autocast():  # warm-up: first-call allocations and kernel selection
+        encoder.model.encode_image(chunks[0])
+    return clock(forward, device)[0]
+
+
+def _decode_cost(paths: list[Path], model: str) -> float:
+    """Milliseconds to read, decode and preprocess one image in one process (for context:
+    how many workers it takes to keep up with the forward pass)."""
+    import time
+
+    from ..decode import decode_image
+    from ..stages.encoders.open_clip import OpenClipEncoder
+
+    enc = OpenClipEncoder({"model": model, "pretrained": "none", "device": "cpu", "workers": 0})
+    transform = enc.image_transform
+    t = time.perf_counter()
+    for p in paths:
+        transform(decode_image(p.read_bytes()))
+    return round((time.perf_counter() - t) * 1000 / max(1, len(paths)), 3)
+
+
+def _cpu_ceiling(device: str, bare_ips: float, decode_ms: float) -> dict[str, Any] | None:
+    """On CPU, decoding and the forward pass share the same cores, so they cannot fully overlap:
+    the best possible ratio is forward core-time / (forward + decode core-time) per image."""
+    if device != "cpu" or not bare_ips > 0:
+        return None
+    import torch
+
+    threads = torch.get_num_threads()
+    forward_core_s = threads / bare_ips  # the bare forward keeps every intra-op thread busy
+    ratio = forward_core_s / (forward_core_s + decode_ms / 1000.0)
+    return {
+        "ratio": round(ratio, 4), "torch_threads": threads,
+        "why": "on a CPU the decoding workers take cores from the forward pass; this is the ratio with "
+               "perfect overlap, computed from the measured bare throughput and decode cost",
+    }

@@ -1,0 +1,155 @@
+"""Human-readable views of a benchmark document: a terminal summary and ``benchmarks/RESULTS.md``.
+
+Both only format what the document holds; every number in them was measured in that run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def figures(doc: dict[str, Any]) -> list[str]:
+    """One line per headline figure, each with what it was measured against."""
+    s, lines = doc["suites"], []
+    if enc := s.get("encode"):
+        t = enc["throughput"]
+        lines.append(f"encode  {enc['model']} on {enc['device']}: pipeline {_f(t['value'], 1)} img/s vs bare forward "
+                     f"{_f(t['against_value'], 1)} img/s -> ratio {_f(enc['ratio_median'])} (batch {t['batch_size']}, {t['workers']} workers)")
+        for r in enc["runs"]:
+            lines.append(f"        {r['group']:<13} batch {r['batch_size']:>4} workers {r['workers']} threads {r['threads']} "
+                         f"tokens {'on ' if r['token_cache'] else 'off'}: pipeline {_f(r['pipeline_img_s'], 1)} vs bare "
+                         f"{_f(r['bare_img_s'], 1)} img/s -> {_f(r['ratio'])}")
+        if ft := enc.get("fewer_threads"):
+            lines.append(f"        torch threads {ft['default_threads']} -> {ft['threads']} with {ft['workers']} decode workers: pipeline "
+                         f"{_f(ft['gain']['value'])}x the default-threads pipeline; vs default bare {_f(ft['ratio_vs_default_bare'])}")
+        if c := enc.get("cpu_ceiling"):
+            lines.append(f"        decode {_f(enc['decode_ms_per_image_one_process'])} ms/img per process; best possible ratio on this CPU {_f(c['ratio'])}")
+    if se := s.get("search"):
+        for r in se["results"]:
+            head = f"search  {r['vectors']:>7,} {r['index_type']:<9} recall@10 {_f(r['recall@10'], 3)} vs exact numpy"
+            if "recall@10_with_small_ef" in r:
+                head += f" (ef={r['recall@10_with_small_ef']['ef']}: {_f(r['recall@10_with_small_ef']['recall@10'], 3)})"
+            lines.append(head)
+            for limit, lat in r["latency"].items():
+                lines.append(f"        limit {limit:>3}: raw client p50 {_f(lat['raw_client']['p50_ms'])} ms | store {_f(lat['store']['p50_ms'])} ms "
+                             f"({lat['store_vs_raw']['overhead_pct']:+.1f}%) | pipeline {_f(lat['pipeline']['p50_ms'])} ms "
+                             f"({lat['pipeline_vs_raw']['overhead_pct']:+.1f}%); p95 raw/store/pipeline "
+                             f"{_f(lat['raw_client']['p95_ms'])}/{_f(lat['store']['p95_ms'])}/{_f(lat['pipeline']['p95_ms'])} ms")
+            if "before_flush" in r:
+                b = r["before_flush"]
+                lines.append(f"        unflushed (as index leaves Milvus Lite) raw p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms -> "
+                             f"after flush {_f(b['raw_search_flushed']['p50_ms'])} ms (flush {b['flush_s']} s) -> after release+load "
+                             f"{_f(b['raw_search_flushed_reloaded']['p50_ms'])} ms ({b['release_load_s']} s)")
+    if rr := s.get("rerank"):
+        for n, lat in rr["latency"].items():
+            lines.append(f"rerank  {n:>5} candidates: p50 {_f(lat['total']['p50_ms'])} ms p95 {_f(lat['total']['p95_ms'])} ms, "
+                         f"{_f(lat['pairs_per_s'], 0)} pairs/s (text {_f(lat['text_encode']['p50_ms'])}, cache {_f(lat['cache_read']['p50_ms'])}, "
+                         f"model {_f(lat['model']['p50_ms'])} ms)")
+        if tt := rr.get("text_trim_experiment"):
+            lines.append(f"        text tower on real tokens only ({tt['check']['positions'][0]} -> {tt['check']['positions'][1]} positions, "
+                         f"max diff {tt['check']['max_abs_diff_embedding']:.1e}): text {_f(tt['text_gain']['ratio'])}x faster, "
+                         f"rerank {_f(tt['rerank_gain']['ratio'])}x faster ({_f(tt['rerank']['p50_ms'])} -> {_f(tt['rerank_trimmed']['p50_ms'])} ms)")
+        for n, res in rr["peer"]["results"].items():
+            if "speedup_vs_blip_itm" not in res:
+                continue
+            a, b = res["speedup_vs_blip_itm"], res["speedup_vs_blip_precomputed"]
+            lines.append(f"        vs BLIP-ITM at {n}: {_f(a['value'], 1)}x faster (BLIP {_f(a['blip_p50_ms'], 0)} ms, n={res['blip_itm']['n']}); "
+                         f"vs BLIP precomputed vision: {_f(b['value'], 1)}x (BLIP {_f(b['blip_p50_ms'], 0)} ms)")
+        for name, lay in rr["cache_layouts"]["layouts"].items():
+            lines.append(f"        cache {name:<11} kv_heads {lay['kv_heads']}: memory {lay['memory_bytes_per_image']['tensor']:,} B/img; "
+                         f"per-layer K/V would be {lay['per_layer_kv_bytes_per_image']['tensor']:,} B/img; "
+                         f"model p50 {_f(lay['model_ms_at_candidates']['p50_ms'])} ms at {lay['model_ms_at_candidates']['candidates']}")
+    if q := s.get("quality"):
+        e = q["eval"]
+        lines.append(f"quality first stage R@1/5/10 {'/'.join(_f(v, 3) for v in e['first_stage'].values())} vs reranked "
+                     f"{'/'.join(_f(v, 3) for v in e['reranked'].values())} ({e['n_queries']} held-out queries, gallery {e['gallery']})")
+        val = q["reranker"]["val"]
+        lines.append(f"        reranker's own val split (seen combinations): R@1 {_f(val['first_stage']['R@1'], 3)} -> "
+                     f"{_f(val['reranked']['R@1'], 3)}, best epoch {q['reranker']['best_epoch']} of {q['reranker']['epochs_run']}")
+        lines.append(f"        cache {q['cache']['bytes_per_image']:,} B/img {q['cache']['shape']} fp16: reranked R@1 "
+                     f"{_f(q['cache']['reranked_fp16_cache']['R@1'], 3)} vs fp32 memory {_f(q['cache']['reranked_fp32_memory']['R@1'], 3)}")
+        lines.append("        phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in q["phases_s"].items()))
+    return lines
+
+
+def profiling(doc: dict[str, Any]) -> list[str]:
+    """The measured effect of the three changes proposed in benchmarks/README.md."""
+    s, lines = doc["suites"], []
+    if (rr := s.get("rerank")) and (tt := rr.get("text_trim_experiment")):
+        lat = rr["latency"].get("100") or next(iter(rr["latency"].values()))
+        lines.append(
+            f"- Query text encoding: at 100 candidates the stage's p50 is {_f(lat['total']['p50_ms'])} ms, of which text encode "
+            f"{_f(lat['text_encode']['p50_ms'])} ms, cache read {_f(lat['cache_read']['p50_ms'])} ms, model {_f(lat['model']['p50_ms'])} ms. "
+            f"Running the text tower on the query's {tt['check']['positions'][1]} real positions instead of "
+            f"{tt['check']['positions'][0]}: text encode {_f(tt['text_encode']['p50_ms'])} -> {_f(tt['text_encode_trimmed']['p50_ms'])} ms "
+            f"({_f(tt['text_gain']['ratio'])}x), whole rerank call {_f(tt['rerank']['p50_ms'])} -> {_f(tt['rerank_trimmed']['p50_ms'])} ms "
+            f"({_f(tt['rerank_gain']['ratio'])}x); largest difference {tt['check']['max_abs_diff_embedding']:.1e} (embedding), "
+            f"{tt['check']['max_abs_diff_real_tokens']:.1e} (token features).")
+    if (enc := s.get("encode")) and (ft := enc.get("fewer_threads")):
+        lines.append(
+            f"- Indexing on CPU with {ft['workers']} decode workers: torch threads {ft['default_threads']} -> {ft['threads']} gives "
+            f"{_f(ft['gain']['value'])}x the pipeline throughput of the default (median of adjacent pairs; "
+            f"{_f(ft['pipeline_img_s'], 1)} img/s), i.e. {_f(ft['ratio_vs_default_bare'])} of the default-threads bare forward.")
+    if se := s.get("search"):
+        for r in se["results"]:
+            if b := r.get("before_flush"):
+                lines.append(
+                    f"- Milvus Lite, {r['vectors']:,} vectors: raw search p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms as "
+                    f"`Pipeline.index` leaves the collection (no flush on Lite) vs {_f(b['raw_search_flushed']['p50_ms'])} ms after "
+                    f"`client.flush` ({b['flush_s']} s) and {_f(b['raw_search_flushed_reloaded']['p50_ms'])} ms after release + load "
+                    f"({b['release_load_s']} s); n={b['raw_search_unflushed']['n']} each.")
+    return lines
+
+
+def human(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    out = [f"mmr bench {'(quick) ' if doc['quick'] else ''}on {m['device']}{' ' + m['gpu'] if m.get('gpu') else ''}, "
+           f"{m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, commit {m['commit']}"]
+    out += figures(doc)
+    out.append("targets (DESIGN.md section 4):")
+    for t in doc["targets"]:
+        out.append(f"  [{t['status']}] {t['what']} {t['target']}: {t['measured']}")
+    return "\n".join(out)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """``benchmarks/RESULTS.md``: machine, targets table, the figures, where the raw JSON is."""
+    m = doc["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `mmr bench` from one run; every number below was measured in that run, each figure",
+        "next to what it was measured against. Regenerate: see `benchmarks/README.md`.",
+        "",
+        "| | |", "|---|---|",
+        f"| date (UTC) | {m['date']} |",
+        f"| machine | {m['nproc']} CPUs, {m['cpu']}; load average at start {m.get('load_avg_1m_at_start', '?')} (shared) |",
+        f"| device | {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ' (no GPU lent to this run)'} |",
+        f"| software | torch {m['torch']} ({m['torch_threads']} threads), open_clip {m['open_clip']}, transformers {m['transformers']}, "
+        f"pymilvus {m['pymilvus']}, milvus-lite {m['milvus_lite']}, Python {m['python']} |",
+        f"| commit | {m['commit']} |",
+        f"| mode | {'quick (structure only, sizes too small to mean anything)' if doc['quick'] else 'full'}; suites: {', '.join(doc['suites'])}; {doc['seconds']:.0f} s |",
+    ]
+    for name, run in (doc.get("runs") or {}).items():
+        lines.append(f"| suite {name} | run {run['date']}, commit {run['commit']}, load average at start "
+                     f"{run.get('load_avg_1m_at_start', '?')}, {run['device']}{', quick' if run.get('quick') else ''} |")
+    lines += [
+        "",
+        "## DESIGN.md section 4 targets",
+        "",
+        "| target | status | measured |",
+        "|---|---|---|",
+    ]
+    for t in doc["targets"]:
+        lines.append(f"| {t['what']}: {t['target']} | **{t['status']}** | {t['measured']} |")
+    lines += ["", "## Figures", "", "```"] + figures(doc) + ["```", ""]
+    prof = profiling(doc)
+    if prof:
+        lines += ["## Profiling: measured effect of the proposed changes", "",
+                  "What to change is in `benchmarks/README.md` (file, line, why); these are the numbers from this run.", ""]
+        lines += prof + [""]
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""Suite ``search``: the first stage against a raw ``MilvusClient.search`` and against exact search.
+
+For each collection size (synthetic L2-normalised vectors, dim 512, inserted through our
+``MilvusStore.upsert`` with fake ids and paths) and index type:
+
+* **latency**: p50/p95 of three ways to run the same query with the same parameters, interleaved
+  query by query: a raw ``MilvusClient.search`` (query already a list of floats, same output fields
+  and search params, no filter: what a plain client would send), the same with the row filter our
+  store adds (to attribute overhead), our ``MilvusStore.search``, and ``Pipeline.search`` with a stand-in encoder
+  that returns the precomputed query vector (the pipeline path minus text encoding: validation,
+  the collection check, the store call, building hits). Overhead = ours / raw - 1 (target <= 10%).
+* **recall@10**: the store's top 10 against exact top 10 by numpy inner product on the same
+  vectors (target >= 0.99).
+
+Vectors come from a mixture of Gaussian clusters (embeddings cluster by content; uniformly random
+vectors in 512 dimensions have no near neighbours, which says little about real collections), and
+queries are fresh draws from the same mixture. Milvus Lite accepts several index types; whether it
+really builds them is checked by recall and by an HNSW run with a deliberately small ``ef``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..stages.base import Encoder
+from .timing import clock, figure, interleaved, summary
+
+log = logging.getLogger(__name__)
+
+DIM = 512
+FINGERPRINT = "bench-synthetic-vectors"
+QUERY_TEXT = "synthetic query"  # what Pipeline.search validates; the stand-in encoder ignores it
+
+
+@dataclass(frozen=True)
+class SearchSizes:
+    sizes: tuple[int, ...]
+    queries: int  # for recall
+    rounds: int  # latency samples per method
+    limits: tuple[int, ...] = (10, 100)  # k without a reranker; candidates with one
+    index_types: tuple[str, ...] = ("AUTOINDEX", "HNSW")
+    settle_probes: int = 3  # raw searches timed before and after the flush
+
+
+def sizes_for(quick: bool) -> SearchSizes:
+    if quick:
+        return SearchSizes(sizes=(1000,), queries=10, rounds=5, limits=(10,))
+    return SearchSizes(sizes=(10_000, 100_000), queries=200, rounds=60)
+
+
+INDEX_PARAMS = {
+    "AUTOINDEX": ({}, {}),
+    "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 128}),
+}
+HNSW_SMALL_EF = 10  # far too small for recall 0.99: if recall stays at 1.0, the index is not HNSW
+
+
+def synthetic(n: int, seed: int, clusters: int = 256, spread: float = 0.7) -> np.ndarray:
+    """[n, DIM] float32 L2-normalised vectors from a mixture of ``clusters`` Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((clusters, DIM)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class VectorEncoder(Encoder):
+    """Stand-in text encoder for timing the pipeline's search path without a model: returns the
+    vector set on :attr:`vector`."""
+
+    stage_kind, stage_name = "encoder", "bench_vectors"
+    dim = DIM
+    fingerprint = FINGERPRINT
+    vector: np.ndarray | None = None
+
+    def encode_text(self, texts):
+        return self.vector[None, :]
+
+    def encode_pixels(self, pixels, *, with_tokens=False):  # pragma: no cover - never indexes images
+        raise NotImplementedError
+
+    @property
+    def image_transform(self):  # pragma: no cover
+        raise NotImplementedError
+
+
+def run(workdir: Path, device: str, quick: bool = False, sizes: SearchSizes | None = None) -> dict[str, Any]:
+    """Run the suite in ``workdir``; returns its JSON section. (``device`` is unused: Milvus Lite
+    searches on the CPU; it is recorded for completeness.)"""
+    sizes = sizes or sizes_for(quick)
+    queries = synthetic(sizes.queries, seed=1)
+    results = []
+    for n in sizes.sizes:
+        data = synthetic(n, seed=0)
+        exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]  # exact top 10 per query
+        results.extend(_size(workdir, n, data, queries, exact, sizes))
+    return {
+        "dim": DIM,
+        "vectors": "Gaussian mixture (256 clusters), L2-normalised; queries drawn from the same mixture",
+        "milvus": "Milvus Lite (embedded), metric IP",
+        "results": results,
+    }
+
+
+def _size(workdir: Path, n: int, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
+          sizes: SearchSizes) -> list[dict[str, Any]]:
+    """Insert ``n`` vectors once through our store, then measure each index type on them
+    (re-indexing the same collection, so every index type sees the same segments)."""
+    first = sizes.index_types[0]
+    pipe = _pipeline(workdir, n, first)
+    store = pipe.store
+    store.drop()
+    store.ensure_collection(VectorEncoder().info())
+    t = time.perf_counter()
+    ids = [format(i, "032x") for i in range(n)]
+    store.upsert([{"id": ids[i], "vector": data[i], "path": f"/synthetic/{i}.jpg", "metadata": {"i": i}} for i in range(n)])
+    store.flush()
+    insert_s = time.perf_counter() - t
+    settle = _settle(store, queries, sizes)
+    out = []
+    for index_type in sizes.index_types:
+        if index_type != first:
+            _reindex(store, index_type)
+            pipe = _pipeline(workdir, n, index_type)
+        res = _measure(pipe, workdir, n, queries, exact, sizes)
+        res = {"vectors": n, "index_type": index_type, "insert_s": round(insert_s, 2),
+               "insert_vectors_per_s": round(n / insert_s, 1), **res}
+        if index_type == first:
+            res["before_flush"] = settle
+        out.append(res)
+        log.info("bench search: %s", {k: res[k] for k in ("vectors", "index_type", "recall@10")})
+    store.drop()
+    return out
+
+
+def _pipeline(workdir: Path, n: int, index_type: str, search_params: dict[str, Any] | None = None):
+    from ..pipeline import Pipeline
+
+    index_params, default_search = INDEX_PARAMS[index_type]
+    store_cfg = {"index_type": index_type, "index_params": index_params,
+                 "search_params": default_search if search_params is None else search_params}
+    pipe = Pipeline(db=str(workdir / "search.db"), collection=f"vectors_{n}", store=store_cfg)
+    pipe._encoder = VectorEncoder()  # no public hook for an encoder instance; the search path is unchanged
+    return pipe
+
+
+def _settle(store: Any, queries: np.ndarray, sizes: SearchSizes) -> dict[str, Any]:
+    """Latency as an index run leaves a Milvus Lite collection (our store does not flush a local
+    database), then what an explicit flush + reload costs and gives. Milvus Lite searches unflushed
+    (growing) segments much more slowly, so everything after this is measured flushed."""
+    client, name = store.client, store.name
+    params = {"metric_type": store.config.metric, "params": dict(store.config.search_params)}
+    def probe():
+        return summary([clock(lambda: client.search(name, data=[queries[i].tolist()], limit=10, search_params=params), "cpu")[0]
+                        for i in range(sizes.settle_probes)])
+
+    unflushed = probe()
+    flush_s = clock(lambda: client.flush(name), "cpu")[0]
+    flushed = probe()
+    reload_s = clock(lambda: (client.release_collection(name), client.load_collection(name)), "cpu")[0]
+    return {
+        "raw_search_unflushed": unflushed, "flush_s": round(flush_s, 2), "raw_search_flushed": flushed,
+        "release_load_s": round(reload_s, 2), "raw_search_flushed_reloaded": probe(),
+        "note": "MilvusStore.flush() is a no-op on Milvus Lite: 'unflushed' is the latency Pipeline.index leaves behind",
+    }
+
+
+def _reindex(store: Any, index_type: str) -> None:
+    """Replace the vector index of the collection (same data) with ``index_type``."""
+    client, name = store.client, store.name
+    index_params, _ = INDEX_PARAMS[index_type]
+    client.release_collection(name)
+    client.drop_index(name, "vector")
+    ip = client.prepare_index_params()
+    ip.add_index(field_name="vector", index_type=index_type, metric_type=store.config.metric, params=dict(index_params))
+    client.create_index(name, ip)
+    client.load_collection(name)
+
+
+def _measure(pipe: Any, workdir: Path, n: int, queries: np.ndarray, exact: np.ndarray, sizes: SearchSizes) -> dict[str, Any]:
+    store = pipe.store
+    t = time.perf_counter()
+    hits = store.search(queries, 10)
+    batch_s = time.perf_counter() - t
+    out: dict[str, Any] = {
+        "index_params": dict(store.config.index_params), "search_params": dict(store.config.search_params),
+        "index_reported": _describe_index(store),
+        "recall@10": round(_recall(hits, exact), 4),
+        "recall_against": "exact numpy inner-product top 10 on the same vectors",
+        "batch_search_ms_per_query": round(batch_s * 1000 / len(queries), 3),
+    }
+    if store.config.index_type == "HNSW":
+        small = _pipeline(workdir, n, "HNSW", {"ef": HNSW_SMALL_EF}).store
+        out["recall@10_with_small_ef"] = {"ef": HNSW_SMALL_EF, "recall@10": round(_recall(small.search(queries, 10), exact), 4)}
+    out["latency"] = {str(limit): _latency(pipe, store, pipe._encoder, queries, limit, sizes.rounds) for limit in sizes.limits}
+    return out
+
+
+def _recall(hits: list, exact: np.ndarray) -> float:
+    found = [{int(h.id, 16) for h in row[:10]} for row in hits]
+    return float(np.mean([len(f.intersection(e.tolist())) / 10 for f, e in zip(found, exact)]))
+
+
+def _describe_index(store: Any) -> dict[str, Any] | None:
+    try:
+        info = store.client.describe_index(store.name, "vector")
+    except Exception as e:  # only informative: record why
+        return {"error": str(e)[:200]}
+    return {k: info.get(k) for k in ("index_type", "indexed_rows", "total_rows", "state") if k in info}
+
+
+def _latency(pipe: Any, store: Any, encoder: VectorEncoder, queries: np.ndarray, limit: int, rounds: int) -> dict[str, Any]:
+    """Interleaved p50/p95 of raw client, our store and the pipeline path, same query per round."""
+    from ..stages.stores.milvus import HIT_FIELDS, MODE_FIELDS
+
+    client, name = store.client, store.name
+    params = {"metric_type": store.config.metric, "params": dict(store.config.search_params)}
+    as_lists = [q.tolist() for q in queries]  # the raw caller hands the client plain lists
+    state = {"i": 0}
+    encode_ms: list[float] = []
+
+    def q():
+        return state["i"] % len(queries)
+
+    def raw():
+        return client.search(name, data=[as_lists[q()]], limit=limit, filter="", output_fields=HIT_FIELDS,
+                             search_params=params, anns_field="vector")
+
+    # The same call with the row condition our store adds (``has_image == true``: text-only items
+    # hold a zero image vector): attributes our overhead to that filter or to our own code.
+    only = MODE_FIELDS["image"][1] if store.has_text_vectors() else ""
+
+    def raw_filtered():
+        return client.search(name, data=[as_lists[q()]], limit=limit, filter=only, output_fields=HIT_FIELDS,
+                             search_params=params, anns_field="vector")
+
+    def ours():
+        return store.search(queries[q()][None, :], limit)
+
+    def pipeline():
+        encoder.vector = queries[q()]
+        res = pipe.search(QUERY_TEXT, k=limit, rerank=False)
+        encode_ms.append(res.timings_ms["encode"])
+        state["i"] += 1  # next round, next query
+        return res
+
+    samples = interleaved({"raw_client": raw, "raw_client_with_store_filter": raw_filtered, "store": ours, "pipeline": pipeline},
+                          rounds, "cpu", warmup=3)
+    # The pipeline's own encode time (the stand-in's, microseconds) is subtracted: "minus text encoding".
+    enc = encode_ms[-rounds:]
+    samples["pipeline"] = [s - e / 1000.0 for s, e in zip(samples["pipeline"], enc)]
+    stats = {name: summary(s) for name, s in samples.items()}
+    raw_p50 = stats["raw_client"]["p50_ms"]
+    return {
+        **stats,
+        "store_vs_raw": figure(stats["store"]["p50_ms"], "ms p50", "raw MilvusClient.search p50", raw_p50,
+                               ratio_is="ours / raw", overhead_pct=round(100 * (stats["store"]["p50_ms"] / raw_p50 - 1), 2)),
+        "pipeline_vs_raw": figure(stats["pipeline"]["p50_ms"], "ms p50", "raw MilvusClient.search p50", raw_p50,
+                                  ratio_is="ours / raw", overhead_pct=round(100 * (stats["pipeline"]["p50_ms"] / raw_p50 - 1), 2)),
+    }
