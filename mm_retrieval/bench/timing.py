@@ -74,7 +74,8 @@ def _round(x: float) -> float:
     return round(x, 4) if abs(x) < 1000 else round(x, 1)
 
 
-def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, device: str, warmup: int = 1,
+                after_round: Callable[[], Any] | None = None) -> dict[str, list[float]]:
     """Run each callable once per round, in turn, ``rounds`` times; seconds per call by name.
 
     Interleaving means a burst of load from another process hits every candidate alike, so the
@@ -87,4 +88,6 @@ def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, device: s
     for _ in range(rounds):
         for name, fn in candidates.items():
             out[name].append(clock(fn, device)[0])
+        if after_round is not None:  # e.g. the next query: every candidate sees the same inputs per round
+            after_round()
     return out
