@@ -397,15 +397,19 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
 @click.option("--model-name", help="Model name reported by the vLLM-style endpoints (default: mmr/<checkpoint dir>).")
 @click.option("--max-documents", type=click.IntRange(1), default=1000, show_default=True, help="Documents per rerank request.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True, help="Largest request body, in MiB.")
-@click.option("--max-image-mb", type=click.FloatRange(0.001), default=10.0, show_default=True, help="Largest inline image, in MiB.")
+@click.option("--max-image-mb", type=click.FloatRange(0.001), default=10.0, show_default=True, help="Largest inline image (rerank document or /search image query), in MiB.")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True, help="Requests batched into one forward pass (1: no batching).")
 @click.option("--batch-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a request waits for others to batch with.")
+@click.option("--media-root", "media_roots", multiple=True, type=click.Path(file_okay=False),
+              help="The page also shows indexed files whose real path lies under DIR (for folders indexed through symlinks); repeatable.")
 def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, model_name: str | None, max_documents: int,
-          max_body_mb: float, max_image_mb: float, max_batch: int, batch_wait_ms: float, **kwargs: Any) -> None:
-    """HTTP API: search, and reranking in the Cohere, TEI and vLLM wire formats.
+          max_body_mb: float, max_image_mb: float, max_batch: int, batch_wait_ms: float, media_roots: tuple[str, ...],
+          **kwargs: Any) -> None:
+    """HTTP API: search, and reranking in the Cohere, TEI and vLLM wire formats; a search page.
 
     \b
-    POST /search      {query, k, candidates, filter, rerank} -> the `mmr search --json` document
+    GET  /            the search page (results, rerank on/off, filters, attention heatmaps)
+    POST /search      {query | image | image_id, k, offset, candidates, filter, rerank, mode} -> `mmr search --json`
     POST /v2/rerank   Cohere v2 (Milvus rerank function: provider "cohere", base_url http://HOST:PORT/v2)
     POST /rerank      Hugging Face TEI (body with "texts"), or vLLM (body with "documents")
     POST /v1/rerank   vLLM / Jina; documents may be image_url content parts
@@ -419,7 +423,7 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
     mib = 1024 * 1024
     config = ServerConfig(host=host, port=port, api_key=api_key or None, model_name=model_name, max_documents=max_documents,
                           max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
-                          max_batch_requests=max_batch, batch_wait_ms=batch_wait_ms)
+                          max_batch_requests=max_batch, batch_wait_ms=batch_wait_ms, media_roots=tuple(media_roots))
     run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config)
 
 

@@ -1,8 +1,9 @@
 """The FastAPI application behind ``mmr serve``.
 
 Routes: ``GET /healthz`` (the process is up), ``GET /readyz`` (models loaded; batching stats),
-``POST /search`` (``mmr search --json``), and the rerank endpoints of
-:mod:`mm_retrieval.server.formats`. OpenAPI at ``/openapi.json``, interactive docs at ``/docs``.
+``POST /search`` (``mmr search --json``; by text, image bytes or item id), the rerank endpoints of
+:mod:`mm_retrieval.server.formats`, and the search page at ``/`` with its routes
+(:mod:`mm_retrieval.server.web`). OpenAPI at ``/openapi.json``, interactive docs at ``/docs``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .engine import Engine
 from .errors import TEI, VLLM, ApiError, family_of
 from .formats import cohere, native, tei, vllm
 from .middleware import ApiKeyAuth, BodyLimit
+from .web import add_web_routes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ Text-to-image search and reranking over one Milvus collection.
 Milvus' rerank function sends), its 32-character item id, or an image sent inline as
 `data:image/...;base64,...` (vLLM: an `image_url` content part). Inline images are encoded on the
 fly and never written to the collection.
+
+**Search** (`POST /search`) takes a text `query`, or an `image` (base64 or `data:image/...;base64,`),
+or an indexed item's `image_id`; `offset` pages through the ranking. The search page at `/` uses it.
 
 **Scores** (`relevance_score`, TEI `score`) are the reranker's logit, `scale * cosine +
 correction`: the `score` of `mmr search --rerank`, unbounded, higher is better. Without a
@@ -94,7 +99,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/search", tags=["search"], response_model=native.SearchResponse)
     async def search(req: native.SearchRequest):
-        """Text-to-image search; the reply is the `mmr search --json` document."""
+        """Search by text (`query`), by image (`image`: base64 or a data URI, up to the server's
+        --max-image-mb; too large: 413, not an image: 422) or by an indexed item (`image_id`);
+        `offset` pages. The reply is the `mmr search --json` document."""
         return SafeJSONResponse(await native.search(engine, req))
 
     @app.post("/v2/rerank", tags=["rerank"], response_model=cohere.CohereRerankResponse)
@@ -116,6 +123,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         """vLLM / Jina rerank; documents may be image content parts."""
         return SafeJSONResponse(await vllm.rerank(engine, req))
 
+    add_web_routes(app, engine)
     return app
 
 

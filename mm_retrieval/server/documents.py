@@ -112,18 +112,26 @@ def image_from_part(part: dict[str, Any], config: ServerConfig, where: str) -> D
     raise ApiError(422, f"{where}: content part type {kind!r} is not supported (use image_url or text)")
 
 
+def image_from_base64(text: str, config: ServerConfig, where: str) -> bytes:
+    """Image bytes sent as a ``data:image/...;base64,`` URI or as bare base64 (size-checked,
+    not yet decoded)."""
+    if text.startswith("data:"):
+        return image_from_data_uri(text, config, where).data
+    return _b64decode(text, config, where, strict=True)
+
+
 def _b64decode(text: str, config: ServerConfig, where: str, *, strict: bool) -> bytes:
     limit = config.max_image_bytes
     if len(text) > (limit // 3 + 2) * 4 + 1024:  # refuse before decoding; base64 is 4/3 the size
-        raise ApiError(413, f"{where}: inline image is larger than the {limit:,}-byte limit", kind="validation")
+        raise ApiError(413, f"{where}: inline image is larger than the {limit:,}-byte limit (--max-image-mb)", kind="validation")
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         if strict:
-            raise ApiError(422, f"{where}: the data URI's payload is not valid base64") from None
+            raise ApiError(422, f"{where}: the payload is not valid base64") from None
         return b""
     if len(data) > limit:
-        raise ApiError(413, f"{where}: inline image is {len(data):,} bytes; the limit is {limit:,}", kind="validation")
+        raise ApiError(413, f"{where}: inline image is {len(data):,} bytes; the limit is {limit:,} (--max-image-mb)", kind="validation")
     return data
 
 
@@ -187,6 +195,17 @@ class DocumentResolver:
         if errors:
             raise ApiError(422, f"{len(errors)} inline image(s) could not be used: {'; '.join(errors[:10])}", param="documents")
         return out
+
+    def check_image(self, data: bytes, what: str) -> None:
+        """Refuse image bytes over the size limit (413) or that don't decode as an image within
+        the server's pixel limit (422), before any model sees them."""
+        if len(data) > self.config.max_image_bytes:
+            raise ApiError(413, f"{what} is {len(data):,} bytes; the limit is {self.config.max_image_bytes:,} "
+                                "(send a smaller image, or start the server with a larger --max-image-mb)", kind="validation")
+        try:
+            self._preprocess(data)
+        except DecodeError as e:
+            raise ApiError(422, f"{what} is not a usable image: {e}") from None
 
     def _preprocess(self, data: bytes):
         image = decode_image(data, max_pixels=min(self.config.max_image_pixels, int(getattr(self.encoder.config, "max_pixels", 1 << 62))))

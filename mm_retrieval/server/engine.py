@@ -31,6 +31,7 @@ from .batcher import DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .documents import Candidate, Document, DocumentResolver, check_count, check_text
 from .errors import ApiError, from_mmr_error
+from .media import MediaFiles
 from .scoring import DeviceScorer, ScoreJob, ScoreResult, cross_attention_capable
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Engine:
                 self._memory_cache = self.reranker.memory_cache()
         self.metric = str(getattr(store.config, "metric", "IP"))
         self.resolver = DocumentResolver(store, encoder, self.config)
+        self.media = MediaFiles(store, self.config)
         self.scorer = DeviceScorer(encoder, self.reranker, self.metric)
         self.model_name = self.config.model_name or _model_name(pipe)
 
@@ -119,33 +121,47 @@ class Engine:
         return Ranking(scores=result.scores, retrieval=result.retrieval, order=order, query_tokens=result.query_tokens)
 
     # ---- search ----------------------------------------------------------------------------
-    async def search(self, query: str, *, k: int | None = None, candidates: int | None = None, filter: str = "",
-                     rerank: bool | None = None, mode: str | None = None) -> SearchResult:
-        """``mmr search`` over HTTP: same defaults, modes, candidates and scores.
+    async def search(self, query: str | None = None, *, image: bytes | None = None, image_id: str | None = None,
+                     k: int | None = None, candidates: int | None = None, filter: str = "", rerank: bool | None = None,
+                     mode: str | None = None, offset: int = 0) -> SearchResult:
+        """``mmr search`` over HTTP: same defaults, modes, candidates and scores, by text
+        (``query``) or by image (``image`` bytes, or ``image_id`` of an indexed item).
 
         Text against image vectors with the reranker -- the common case -- goes through the
         batcher (first-stage scores from Milvus, reranker logits equal to ``Pipeline.search``'s up
-        to float rounding). Every other mode (first stage only, text or hybrid) runs
-        ``Pipeline.search`` itself on the device thread, one request at a time.
+        to float rounding). Every other case (first stage only, text or hybrid modes, image
+        queries) runs ``Pipeline.search`` itself on the device thread, one request at a time.
+
+        ``offset`` pages: the hits ranked ``offset + 1 .. offset + k`` of the same search with
+        ``k = offset + k`` (reranking orders the top ``max(candidates, offset + k)`` candidates).
         """
-        q = self._query(query)
+        if sum(x is not None for x in (query, image, image_id)) != 1:
+            raise ApiError(422, "give exactly one of query (text), image (base64 image bytes) or image_id (an indexed item's id)")
+        q = self._query(query) if query is not None else None
         opts = config_from_dict(SearchConfig, {**vars(self.pipeline.config.search), **prune_none({"k": k, "candidates": candidates, "mode": mode})},
                                 where="search options")
-        if opts.k < 1 or opts.candidates < 1 or max(opts.k, opts.candidates) > MAX_CANDIDATES:
-            raise ApiError(422, f"k and candidates must be between 1 and {MAX_CANDIDATES} (got k={opts.k}, candidates={opts.candidates})")
+        if opts.k < 1 or opts.candidates < 1 or offset < 0 or max(opts.k + offset, opts.candidates) > MAX_CANDIDATES:
+            raise ApiError(422, f"k and candidates must be at least 1, offset at least 0, and k + offset and candidates at most "
+                                f"{MAX_CANDIDATES} (got k={opts.k}, offset={offset}, candidates={opts.candidates})")
         if rerank and not self.has_reranker:
             raise ApiError(422, "this server has no reranker: start it with `mmr serve --rerank DIR`, or send rerank: false")
         use_reranker = self.has_reranker and (rerank if rerank is not None else opts.rerank)
         resolved = await self._threaded(self.pipeline._resolve_mode, opts.mode)  # the pipeline's own auto/text/hybrid rules
-        if not (use_reranker and resolved == "image"):
-            return await self._on_device(lambda: self.pipeline.search(q, mode=resolved, k=opts.k, candidates=opts.candidates,
-                                                                      filter=filter, rerank=bool(use_reranker)))
+        top = opts.k + offset
+        if image is not None:
+            await self._threaded(self.resolver.check_image, image, "the image query")
+        if q is None or not (use_reranker and resolved == "image"):
+            # image queries are never reranked (the reranker reads text), as in Pipeline.search
+            result = await self._on_device(lambda: self.pipeline.search(
+                q, image=image, image_id=image_id, mode=resolved, k=top, candidates=opts.candidates, filter=filter,
+                rerank=bool(use_reranker)))
+            return _page(result, offset)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         emb = (await self._score(ScoreJob(query=q, want_embedding=True))).embedding
         timings["encode"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        hits = await self._threaded(self._first_stage, emb, max(opts.candidates, opts.k), filter)
+        hits = await self._threaded(self._first_stage, emb, max(opts.candidates, top), filter)
         timings["search"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         if hits:
@@ -153,11 +169,24 @@ class Engine:
             job = ScoreJob(query=q, candidates=cands, retrieval=np.array([h.first_stage_image_score for h in hits], np.float32),
                            memory=await self._threaded(self._cached_memory, cands))
             scores = (await self._score(job)).scores
-            order = np.argsort(-scores, kind="stable")[: opts.k]  # ties keep first-stage order, as Reranker.rerank
+            order = np.argsort(-scores, kind="stable")[:top]  # ties keep first-stage order, as Reranker.rerank
             hits = [dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=r) for r, i in enumerate(order, start=1)]
         timings["rerank"] = (time.perf_counter() - t) * 1000
         timings["total"] = timings["encode"] + timings["search"] + timings["rerank"]
-        return SearchResult(query=q, hits=hits, timings_ms=timings, reranked=True, mode=resolved)
+        return _page(SearchResult(query=q, hits=hits, timings_ms=timings, reranked=True, mode=resolved), offset)
+
+    # ---- explain ---------------------------------------------------------------------------
+    async def explain(self, query: str, item_id: str) -> dict[str, Any]:
+        """The reranker's attention of ``query`` over indexed item ``item_id`` (see
+        :func:`mm_retrieval.explain.attention_maps`): per query word, per head and averaged."""
+        from ..explain import attention_maps
+
+        q = self._query(query)
+        if not (self.has_reranker and hasattr(self.reranker, "score_with_attention")):
+            raise ApiError(422, "this server has no cross-attention reranker to explain: start it with `mmr serve --rerank DIR`")
+        await self._threaded(self.media.locate, item_id)  # an indexed image, at its recorded path (see media.py)
+        ex = await self._on_device(lambda: attention_maps(self.pipeline, q, item_id))
+        return {**ex.to_dict(), "heads": int(ex.head_maps.shape[0])}
 
     def _first_stage(self, emb: np.ndarray, limit: int, filter: str):
         try:
@@ -217,6 +246,13 @@ class Engine:
         if self.batcher is not None:
             doc["batching"] = self.batcher.stats.to_dict()
         return doc
+
+
+def _page(result: SearchResult, offset: int) -> SearchResult:
+    """Drop the first ``offset`` hits (ranks stay those of the whole list)."""
+    if offset:
+        result.hits = result.hits[offset:]
+    return result
 
 
 def _model_name(pipe: Pipeline) -> str:

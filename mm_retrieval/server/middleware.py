@@ -11,8 +11,10 @@ from .errors import ApiError, family_of
 
 log = logging.getLogger(__name__)
 
-# Liveness/readiness probes and the API docs never need the key (they reveal no data).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Liveness/readiness probes, the API docs and the search page's static code never need the key
+# (they reveal no data; the page asks for the key before it fetches anything).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                          "/", "/ui", "/static/app.js", "/static/app.css"})
 
 
 class BodyTooLarge(HTTPException):

@@ -1,6 +1,7 @@
 """`mmr serve` as users start it: a separate process on 127.0.0.1, the key from $MMR_API_KEY,
 a rerank as its very first request, and a clean exit on SIGTERM."""
 
+import base64
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ def test_mmr_serve_process(demo_root):
     env = {**os.environ, "MMR_API_KEY": "cli-key"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mm_retrieval", "serve", "--db", str(demo_root / "mmr.db"), "--rerank", str(demo_root / "reranker"),
-         "--port", str(port), "--max-documents", "50"],
+         "--port", str(port), "--max-documents", "50", "--max-image-mb", "0.01", "--media-root", str(demo_root / "images")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -55,6 +56,12 @@ def test_mmr_serve_process(demo_root):
         assert httpx.post(f"{url}/v2/rerank", json={"model": "m", "query": "q", "documents": docs}, timeout=60).status_code == 401
         too_many = httpx.post(f"{url}/rerank", json={"query": "q", "texts": docs * 17}, headers={"X-API-Key": "cli-key"}, timeout=60)
         assert too_many.status_code == 413 and "the limit is 50" in too_many.json()["error"]
+        # the search page ships as package data; an image query over --max-image-mb is a 413
+        page = httpx.get(f"{url}/", timeout=30)
+        assert page.status_code == 200 and "static/app.js" in page.text
+        big = base64.b64encode(os.urandom(12 * 1024)).decode()
+        over = httpx.post(f"{url}/search", json={"image": big}, headers={"X-API-Key": "cli-key"}, timeout=60)
+        assert over.status_code == 413 and "10,485-byte limit" in over.json()["detail"]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

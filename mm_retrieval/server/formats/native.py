@@ -1,4 +1,10 @@
-"""The native API: ``POST /search``, answered with the ``mmr search --json`` document."""
+"""The native API: ``POST /search``, answered with the ``mmr search --json`` document.
+
+A search is by text (``query``), by image bytes (``image``: a ``data:image/...;base64,`` URI or
+bare base64, at most ``--max-image-mb``), or by an indexed item (``image_id``) -- exactly one of
+them, as ``Pipeline.search(query=..., image=..., image_id=...)``. JSON only: the image rides in the
+same body as every other option, under the same body bound.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...pipeline import MAX_CANDIDATES
-from ..documents import check_text
+from ..documents import check_text, image_from_base64
 from ..engine import Engine
 
 MAX_FILTER_CHARS = 4096
@@ -16,8 +22,13 @@ MAX_FILTER_CHARS = 4096
 class SearchRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    query: str = Field(description="What to look for, in words.")
+    query: Optional[str] = Field(None, description="What to look for, in words.")
+    image: Optional[str] = Field(None, description="Search by an image instead: its file's bytes as data:image/...;base64,... or bare "
+                                                   "base64 (at most the server's --max-image-mb). Image queries are not reranked.")
+    image_id: Optional[str] = Field(None, pattern=r"^[0-9a-f]{32}$",
+                                    description="Search by an indexed item's image instead (its id, as hits report it).")
     k: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES, description="Hits to return (default: the pipeline's, 10).")
+    offset: int = Field(0, ge=0, lt=MAX_CANDIDATES, description="Skip this many hits (paging): ranks offset+1 .. offset+k.")
     candidates: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES, description="First-stage candidates the reranker rescores (default 100).")
     filter: str = Field("", max_length=MAX_FILTER_CHARS, description='Milvus boolean expression, e.g. metadata["year"] >= 2020.')
     rerank: Optional[bool] = Field(None, description="false: first stage only; default: rerank when the server has a reranker.")
@@ -47,5 +58,7 @@ class SearchResponse(BaseModel):
 
 async def search(engine: Engine, req: SearchRequest) -> dict:
     check_text(req.filter, "the filter", MAX_FILTER_CHARS)
-    result = await engine.search(req.query, k=req.k, candidates=req.candidates, filter=req.filter, rerank=req.rerank, mode=req.mode)
+    image = image_from_base64(req.image, engine.config, "image") if req.image is not None else None
+    result = await engine.search(req.query, image=image, image_id=req.image_id, k=req.k, candidates=req.candidates,
+                                 filter=req.filter, rerank=req.rerank, mode=req.mode, offset=req.offset)
     return result.to_dict()
