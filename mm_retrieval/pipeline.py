@@ -102,12 +102,22 @@ class Pipeline:
         self._encoder: Encoder | None = None
         self._store: Store | None = None
         self._reranker: Reranker | None = None
+        self._forget_collection()
+
+    def _forget_collection(self) -> None:
+        """Forget what searches learnt about the collection once (it exists and fits the encoder,
+        its search mode, whether it holds text vectors): after an index or sync run in this
+        process, or a closed connection, the next search asks again."""
+        self._checked = False
+        self._auto_mode: str | None = None
+        self._has_text = False
 
     def close(self) -> None:
         """Release the store connection (Milvus Lite admits one process at a time)."""
         if self._store is not None and hasattr(self._store, "close"):
             self._store.close()
         self._store = None
+        self._forget_collection()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -173,7 +183,10 @@ class Pipeline:
         file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
         from .indexing import Indexer
 
-        return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source, text_columns=text_columns))
+        try:
+            return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source, text_columns=text_columns))
+        finally:
+            self._forget_collection()
 
     def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None) -> IndexReport:
         """Bring the collection in step with a folder or table: add new files, replace changed
@@ -186,7 +199,10 @@ class Pipeline:
         scope = Path(source).expanduser().resolve()
         if scope.is_file():
             scope = scope.parent
-        return Indexer(self, progress=progress).run(src, remove_missing=True, scope=scope, dry_run=dry_run)
+        try:
+            return Indexer(self, progress=progress).run(src, remove_missing=True, scope=scope, dry_run=dry_run)
+        finally:
+            self._forget_collection()
 
     # ---- searching -------------------------------------------------------------------------
     def search(
@@ -220,10 +236,11 @@ class Pipeline:
         if opts.candidates > MAX_CANDIDATES or opts.k > MAX_CANDIDATES:
             raise InputError(f"--k and --candidates can be at most {MAX_CANDIDATES}")
         store = self.store
-        store.require()
+        if not self._checked:  # once per pipeline: a round trip per query costs more than ~10% at 10k vectors
+            store.require()  # before loading a model; a collection dropped later fails in the store, same message
         encoder = self.encoder
         encoder.warm_up()  # model loading is not part of the query's timings
-        if not getattr(self, "_checked", False):
+        if not self._checked:
             store.check_compatible(encoder.info())
             self._checked = True
         mode = self._resolve_mode(opts.mode)
@@ -257,17 +274,20 @@ class Pipeline:
 
     def _resolve_mode(self, mode: str) -> str:
         if mode == "auto":
-            if getattr(self, "_auto_mode", None) is None:
+            if self._auto_mode is None:
                 has_text = hasattr(self.store, "count_with_text") and self.store.count_with_text() > 0
                 self._auto_mode = "hybrid" if has_text else "image"
             return self._auto_mode
         if mode not in ("image", "text", "hybrid"):
             raise InputError(f"unknown --mode {mode!r}; use auto, image, text or hybrid")
-        if mode in ("text", "hybrid") and not self.store.count_with_text():
-            raise InputError(
-                f"--mode {mode} needs text vectors, and collection {self.store.name!r} has none: index a table with a "
-                "caption column (or --text-columns), or search with --mode image"
-            )
+        if mode in ("text", "hybrid"):
+            # Only "has text" is remembered: a collection that had none may get some from another process.
+            self._has_text = self._has_text or self.store.count_with_text() > 0
+            if not self._has_text:
+                raise InputError(
+                    f"--mode {mode} needs text vectors, and collection {self.store.name!r} has none: index a table with a "
+                    "caption column (or --text-columns), or search with --mode image"
+                )
         return mode
 
     def _stored_vector(self, item_id: str) -> np.ndarray:

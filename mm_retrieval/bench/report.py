@@ -20,12 +20,14 @@ def figures(doc: dict[str, Any]) -> list[str]:
         lines.append(f"encode  {enc['model']} on {enc['device']}: pipeline {_f(t['value'], 1)} img/s vs bare forward "
                      f"{_f(t['against_value'], 1)} img/s -> ratio {_f(enc['ratio_median'])} (batch {t['batch_size']}, {t['workers']} workers)")
         for r in enc["runs"]:
-            lines.append(f"        {r['group']:<13} batch {r['batch_size']:>4} workers {r['workers']} threads {r['threads']} "
+            lines.append(f"        {r['group']:<11} batch {r['batch_size']:>4} workers {r['workers']} threads {r['threads']}"
+                         f"/{r.get('index_threads', r['threads'])} "
                          f"tokens {'on ' if r['token_cache'] else 'off'}: pipeline {_f(r['pipeline_img_s'], 1)} vs bare "
                          f"{_f(r['bare_img_s'], 1)} img/s -> {_f(r['ratio'])}")
-        if ft := enc.get("fewer_threads"):
-            lines.append(f"        torch threads {ft['default_threads']} -> {ft['threads']} with {ft['workers']} decode workers: pipeline "
-                         f"{_f(ft['gain']['value'])}x the default-threads pipeline; vs default bare {_f(ft['ratio_vs_default_bare'])}")
+        lines.append("        (threads: torch's for the bare forward / the pipeline's while indexing)")
+        if it := enc.get("index_threads"):
+            lines.append(f"        indexing on {it['threads']} instead of all {it['default_threads']} torch threads with {it['workers']} decode workers: "
+                         f"pipeline {_f(it['gain']['value'])}x ({_f(it['all_threads_pipeline_img_s'], 1)} -> {_f(it['pipeline_img_s'], 1)} img/s)")
         if c := enc.get("cpu_ceiling"):
             lines.append(f"        decode {_f(enc['decode_ms_per_image_one_process'])} ms/img per process; best possible ratio on this CPU {_f(c['ratio'])}")
     if se := s.get("search"):
@@ -39,25 +41,23 @@ def figures(doc: dict[str, Any]) -> list[str]:
                              f"({lat['store_vs_raw']['overhead_pct']:+.1f}%) | pipeline {_f(lat['pipeline']['p50_ms'])} ms "
                              f"({lat['pipeline_vs_raw']['overhead_pct']:+.1f}%); p95 raw/store/pipeline "
                              f"{_f(lat['raw_client']['p95_ms'])}/{_f(lat['store']['p95_ms'])}/{_f(lat['pipeline']['p95_ms'])} ms")
-                if "store_without_exists_rpc_vs_raw" in lat:
-                    lines.append(f"                   without the per-query has_collection round trip ({_f(lat['has_collection_rpc']['p50_ms'])} ms): "
-                                 f"store {lat['store_without_exists_rpc_vs_raw']['overhead_pct']:+.1f}%, pipeline "
-                                 f"{lat['pipeline_without_exists_rpc_vs_raw']['overhead_pct']:+.1f}%; raw + our filter "
-                                 f"{_f(lat['raw_client_with_store_filter']['p50_ms'])} ms")
+                if "has_collection_rpc" in lat:
+                    lines.append(f"                   raw + our row filter {_f(lat['raw_client_with_store_filter']['p50_ms'])} ms; one "
+                                 f"has_collection round trip {_f(lat['has_collection_rpc']['p50_ms'])} ms (no longer made per query)")
             if "before_flush" in r:
                 b = r["before_flush"]
-                lines.append(f"        unflushed (as index leaves Milvus Lite) raw p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms -> "
-                             f"after flush {_f(b['raw_search_flushed']['p50_ms'])} ms (flush {b['flush_s']} s) -> after release+load "
-                             f"{_f(b['raw_search_flushed_reloaded']['p50_ms'])} ms ({b['release_load_s']} s)")
+                lines.append(f"        rows as upserted (growing segments) raw p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms -> "
+                             f"after MilvusStore.flush {_f(b['raw_search_flushed']['p50_ms'])} ms (flush {b['flush_s']} s) -> after "
+                             f"release+load {_f(b['raw_search_flushed_reloaded']['p50_ms'])} ms ({b['release_load_s']} s)")
     if rr := s.get("rerank"):
         for n, lat in rr["latency"].items():
             lines.append(f"rerank  {n:>5} candidates: p50 {_f(lat['total']['p50_ms'])} ms p95 {_f(lat['total']['p95_ms'])} ms, "
                          f"{_f(lat['pairs_per_s'], 0)} pairs/s (text {_f(lat['text_encode']['p50_ms'])}, cache {_f(lat['cache_read']['p50_ms'])}, "
                          f"model {_f(lat['model']['p50_ms'])} ms)")
-        if tt := rr.get("text_trim_experiment"):
+        if tt := rr.get("text_trim"):
             lines.append(f"        text tower on real tokens only ({tt['check']['positions'][0]} -> {tt['check']['positions'][1]} positions, "
                          f"max diff {tt['check']['max_abs_diff_embedding']:.1e}): text {_f(tt['text_gain']['ratio'])}x faster, "
-                         f"rerank {_f(tt['rerank_gain']['ratio'])}x faster ({_f(tt['rerank']['p50_ms'])} -> {_f(tt['rerank_trimmed']['p50_ms'])} ms)")
+                         f"rerank {_f(tt['rerank_gain']['ratio'])}x faster ({_f(tt['rerank_full_context']['p50_ms'])} -> {_f(tt['rerank']['p50_ms'])} ms)")
         for n, res in rr["peer"]["results"].items():
             if "speedup_vs_blip_itm" not in res:
                 continue
@@ -82,38 +82,39 @@ def figures(doc: dict[str, Any]) -> list[str]:
 
 
 def profiling(doc: dict[str, Any]) -> list[str]:
-    """The measured effect of the three changes proposed in benchmarks/README.md."""
+    """The measured effect of the changes applied after profiling (benchmarks/README.md), each
+    against the previous behaviour in the same run."""
     s, lines = doc["suites"], []
-    if (rr := s.get("rerank")) and (tt := rr.get("text_trim_experiment")):
-        lat = rr["latency"].get("100") or next(iter(rr["latency"].values()))
+    if (rr := s.get("rerank")) and (tt := rr.get("text_trim")):
+        n = tt["candidates"]
+        lat = rr["latency"].get(str(n)) or next(iter(rr["latency"].values()))
         lines.append(
-            f"- Query text encoding: at 100 candidates the stage's p50 is {_f(lat['total']['p50_ms'])} ms, of which text encode "
-            f"{_f(lat['text_encode']['p50_ms'])} ms, cache read {_f(lat['cache_read']['p50_ms'])} ms, model {_f(lat['model']['p50_ms'])} ms. "
-            f"Running the text tower on the query's {tt['check']['positions'][1]} real positions instead of "
-            f"{tt['check']['positions'][0]}: text encode {_f(tt['text_encode']['p50_ms'])} -> {_f(tt['text_encode_trimmed']['p50_ms'])} ms "
-            f"({_f(tt['text_gain']['ratio'])}x), whole rerank call {_f(tt['rerank']['p50_ms'])} -> {_f(tt['rerank_trimmed']['p50_ms'])} ms "
-            f"({_f(tt['rerank_gain']['ratio'])}x); largest difference {tt['check']['max_abs_diff_embedding']:.1e} (embedding), "
-            f"{tt['check']['max_abs_diff_real_tokens']:.1e} (token features).")
-    if (enc := s.get("encode")) and (ft := enc.get("fewer_threads")):
+            f"- Query text tower on the query's {tt['check']['positions'][1]} real positions instead of all "
+            f"{tt['check']['positions'][0]}: text encode {_f(tt['text_encode_full_context']['p50_ms'])} -> {_f(tt['text_encode']['p50_ms'])} ms "
+            f"({_f(tt['text_gain']['ratio'])}x), whole rerank call at {n} candidates {_f(tt['rerank_full_context']['p50_ms'])} -> "
+            f"{_f(tt['rerank']['p50_ms'])} ms ({_f(tt['rerank_gain']['ratio'])}x); largest difference {tt['check']['max_abs_diff_embedding']:.1e} "
+            f"(embedding), {tt['check']['max_abs_diff_real_tokens']:.1e} (token features). The stage's p50 at {n} candidates is now "
+            f"{_f(lat['total']['p50_ms'])} ms: text encode {_f(lat['text_encode']['p50_ms'])}, cache read {_f(lat['cache_read']['p50_ms'])}, "
+            f"model {_f(lat['model']['p50_ms'])} ms.")
+    if (enc := s.get("encode")) and (it := enc.get("index_threads")):
         lines.append(
-            f"- Indexing on CPU with {ft['workers']} decode workers: torch threads {ft['default_threads']} -> {ft['threads']} gives "
-            f"{_f(ft['gain']['value'])}x the pipeline throughput of the default (median of adjacent pairs; "
-            f"{_f(ft['pipeline_img_s'], 1)} img/s), i.e. {_f(ft['ratio_vs_default_bare'])} of the default-threads bare forward.")
+            f"- Indexing on CPU with {it['workers']} decode workers on {it['threads']} torch thread(s) instead of {it['default_threads']}: "
+            f"{_f(it['gain']['value'])}x pipeline throughput (median of adjacent pairs; {_f(it['all_threads_pipeline_img_s'], 1)} -> "
+            f"{_f(it['pipeline_img_s'], 1)} img/s), ratio to the bare forward {_f(it['all_threads_ratio'])} -> {_f(enc['ratio_median'])}.")
     if se := s.get("search"):
         for r in se["results"]:
-            for limit, lat in r["latency"].items():
-                if r["index_type"] == "AUTOINDEX" and "store_without_exists_rpc_vs_raw" in lat:
-                    lines.append(
-                        f"- Search overhead, {r['vectors']:,} vectors, limit {limit}: store {lat['store_vs_raw']['overhead_pct']:+.1f}% -> "
-                        f"{lat['store_without_exists_rpc_vs_raw']['overhead_pct']:+.1f}% and pipeline {lat['pipeline_vs_raw']['overhead_pct']:+.1f}% -> "
-                        f"{lat['pipeline_without_exists_rpc_vs_raw']['overhead_pct']:+.1f}% over raw ({_f(lat['raw_client']['p50_ms'])} ms p50) "
-                        f"without the has_collection round trip per query ({_f(lat['has_collection_rpc']['p50_ms'])} ms p50).")
             if b := r.get("before_flush"):
                 lines.append(
-                    f"- Milvus Lite, {r['vectors']:,} vectors: raw search p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms as "
-                    f"`Pipeline.index` leaves the collection (no flush on Lite) vs {_f(b['raw_search_flushed']['p50_ms'])} ms after "
-                    f"`client.flush` ({b['flush_s']} s) and {_f(b['raw_search_flushed_reloaded']['p50_ms'])} ms after release + load "
-                    f"({b['release_load_s']} s); n={b['raw_search_unflushed']['n']} each.")
+                    f"- Milvus Lite, {r['vectors']:,} vectors: raw search p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms on rows as upserted "
+                    f"(what an index run left before) vs {_f(b['raw_search_flushed']['p50_ms'])} ms after `MilvusStore.flush` "
+                    f"({b['flush_s']} s, now the end of every index run); n={b['raw_search_unflushed']['n']} each.")
+            for limit, lat in r["latency"].items():
+                if r["index_type"] == "AUTOINDEX" and "has_collection_rpc" in lat:
+                    lines.append(
+                        f"- Search overhead, {r['vectors']:,} vectors, limit {limit}: store {lat['store_vs_raw']['overhead_pct']:+.1f}%, "
+                        f"pipeline {lat['pipeline_vs_raw']['overhead_pct']:+.1f}% over raw ({_f(lat['raw_client']['p50_ms'])} ms p50), with no "
+                        f"has_collection round trip per query (one costs {_f(lat['has_collection_rpc']['p50_ms'])} ms p50; the store made one "
+                        f"and the pipeline two per query before).")
     return lines
 
 
@@ -162,7 +163,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "## Figures", "", "```"] + figures(doc) + ["```", ""]
     prof = profiling(doc)
     if prof:
-        lines += ["## Profiling: measured effect of the proposed changes", "",
-                  "What to change is in `benchmarks/README.md` (file, line, why); these are the numbers from this run.", ""]
+        lines += ["## Changes applied after profiling: measured in this run", "",
+                  "What was changed and why is in `benchmarks/README.md`; each figure here compares the new behaviour with the "
+                  "previous one in the same run.", ""]
         lines += prof + [""]
     return "\n".join(lines)

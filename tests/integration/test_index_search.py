@@ -146,3 +146,57 @@ def test_source_errors(tiny_pipeline, tmp_path):
     (tmp_path / "t.csv").write_text("file,caption\na.png,x\n")
     with pytest.raises(InputError, match="no 'path' column"):
         tiny_pipeline.index(tmp_path / "t.csv")
+
+
+class RecordingClient:
+    """Wraps a MilvusClient: every method call is recorded by name, then made as usual."""
+
+    def __init__(self, client):
+        self.client, self.calls = client, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+        return call
+
+
+def test_index_run_ends_with_a_flush_on_milvus_lite(tiny_pipeline, image_folder):
+    # Milvus Lite brute-forces rows left in growing segments (the search bench measures it), so
+    # an index run seals them even on a local database.
+    store = tiny_pipeline.store
+    store.client = rec = RecordingClient(store.client)
+    tiny_pipeline.index(image_folder, progress=False)
+    assert "upsert" in rec.calls and rec.calls[-1] == "flush"
+    red = next(image_folder.rglob("red.png"))
+    assert tiny_pipeline.search(image=str(red), mode="image", k=1).hits[0].path == str(red)
+    rec.calls.clear()
+    tiny_pipeline.index(image_folder, progress=False)  # nothing new: the flush is a no-op, still made
+    assert rec.calls[-1] == "flush" and "upsert" not in rec.calls
+
+
+def test_search_asks_milvus_about_the_collection_once(tiny_pipeline, image_folder, tmp_path):
+    tiny_pipeline.index(image_folder, progress=False)
+    assert tiny_pipeline.search("red", k=2).mode == "image"  # the first search checks the collection
+    store = tiny_pipeline.store
+    store.client = rec = RecordingClient(store.client)
+    for q in ("red", "a green thing", "blue", "sky"):
+        assert len(tiny_pipeline.search(q, k=2).hits) == 2
+    assert rec.calls == ["search"] * 4  # no has_collection / describe_collection per query
+
+    # dropped behind the pipeline's back (as by another process): still the clear message
+    rec.client.drop_collection(store.name)
+    with pytest.raises(InputError, match="does not exist.*mmr index"):
+        tiny_pipeline.search("red")
+
+    # an index run in this process makes the next search look again: now it has text vectors
+    make_image(tmp_path / "t" / "cat.png", (90, 90, 90))
+    table = tmp_path / "t" / "items.csv"
+    pd.DataFrame([{"path": "cat.png", "caption": "a grey cat"}, {"path": None, "caption": "notes about cats"}]).to_csv(table, index=False)
+    tiny_pipeline.index(table, progress=False)
+    res = tiny_pipeline.search("cat", k=2)
+    assert res.mode == "hybrid" and len(res.hits) == 2

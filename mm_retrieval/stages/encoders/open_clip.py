@@ -45,6 +45,7 @@ class OpenClipConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 64
     workers: int = 2  # DataLoader processes decoding images while the model runs
+    index_threads: int = 0  # torch threads while indexing on CPU with workers; 0: cores minus workers
     precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     cache_dir: str | None = None  # where downloaded weights go (open_clip's default when unset)
@@ -188,10 +189,11 @@ class OpenClipEncoder(Encoder):
         self.model = model
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name, cache_dir=self.config.cache_dir) if name.startswith("hf-hub:") else open_clip.get_tokenizer(name)
-        with torch.inference_mode():
-            self.dim = int(model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
         self._autocast_dtype = self._pick_precision(torch)
         self._text_ln = _text_final_norm(model)
+        self._trim_text = _trim_exact(model) and self._trim_agrees()
+        with torch.inference_mode():
+            self.dim = int(model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
 
     def _pick_precision(self, torch):
         p = self.config.precision
@@ -249,18 +251,33 @@ class OpenClipEncoder(Encoder):
         emb, _, _ = self.encode_text_tokens(texts, with_tokens=False)
         return emb.cpu().numpy()
 
-    def encode_text_tokens(self, texts: Sequence[str], *, with_tokens: bool = True):
-        """(embeddings [N, D] float32 normalised, token features [N, L, W] or None, mask [N, L] bool)."""
+    def encode_text_tokens(self, texts: Sequence[str], *, with_tokens: bool = True, full_context: bool = False):
+        """(embeddings [N, D] float32 normalised, token features [N, C, W] float32 or None, mask [N, C] bool).
+
+        C is the tokenizer's context length and ``mask`` is True at real (non-padding) tokens. On a
+        causal text tower pooled at its end-of-text token (open_clip's CLIP text towers) the tower
+        runs on the batch's first L positions only, L = last real token + 1, which is exact: no
+        position attends to a later one, so padding after L changes no output. Token features past
+        L are then zeros (never computed; always masked). ``full_context`` runs all C positions,
+        open_clip's own ``encode_text`` (the reference the trimmed path is checked against)."""
+        self.warm_up()
+        ids = self.tokenize(texts).to(self.device)
+        mask = ids != _pad_id(self.tokenizer)
+        if self._trim_text and not full_context and len(ids):
+            emb, tokens = self._encode_trimmed(ids, mask, with_tokens)
+        else:
+            emb, tokens = self._encode_full(ids, with_tokens)
+        return emb, tokens, mask
+
+    def _encode_full(self, ids, with_tokens: bool):
         import torch
         import torch.nn.functional as F
 
-        self.warm_up()
-        ids = self.tokenize(texts).to(self.device)
         captured: dict[str, Any] = {}
         hook = None
         if with_tokens:
             # The final LayerNorm's output is the text tower's per-token features (before pooling);
-            # hooking it keeps encode_text exactly open_clip's own code path.
+            # hooking it keeps this exactly open_clip's own code path.
             hook = self._text_ln.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
         try:
             with torch.inference_mode(), self._autocast():
@@ -269,8 +286,55 @@ class OpenClipEncoder(Encoder):
             if hook is not None:
                 hook.remove()
         tokens = captured.get("tokens")
+        return emb, (None if tokens is None else tokens.float())
+
+    def _encode_trimmed(self, ids, mask, with_tokens: bool):
+        """``CLIP.encode_text`` step by step on ``ids[:, :L]`` (positional embedding and causal
+        mask sliced to L); only used where :func:`_trim_exact` holds."""
+        import torch
+        import torch.nn.functional as F
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        used = mask.any(0).nonzero()
+        L = int(used.max()) + 1 if len(used) else ids.shape[1]
+        short = ids[:, :L]
+        with torch.inference_mode(), self._autocast():
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(short).to(cast) + model.positional_embedding[:L].to(cast)
+            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
+            pooled = text_global_pool(x, short, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+            proj = model.text_projection
+            if proj is not None:
+                pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+            emb = F.normalize(pooled.float(), dim=-1)
+            tokens = None
+            if with_tokens:
+                tokens = x.new_zeros((ids.shape[0], ids.shape[1], x.shape[-1]), dtype=torch.float32)
+                tokens[:, :L] = x.float()
+        return emb, tokens
+
+    def _trim_agrees(self) -> bool:
+        """Warm-up self-check of the trimmed path against open_clip's own, in fp32 (catches an
+        open_clip version whose text tower differs from what :func:`_encode_trimmed` replays)."""
+        import torch
+
+        ids = self.tokenizer(["a photo of a dog", "two"]).to(self.device)
         mask = ids != _pad_id(self.tokenizer)
-        return emb, (None if tokens is None else tokens.float()), mask
+        dtype, self._autocast_dtype = self._autocast_dtype, None
+        try:
+            full, ftok = self._encode_full(ids, True)
+            trim, ttok = self._encode_trimmed(ids, mask, True)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the full path
+            log.warning("text tower: trimmed encoding unavailable (%s: %s); using all %d positions", type(e).__name__, e, ids.shape[1])
+            return False
+        finally:
+            self._autocast_dtype = dtype
+        diff = max(float((full - trim).abs().max()), float(((ftok - ttok).abs() * mask[..., None]).max()))
+        if not diff <= 1e-4:
+            log.warning("text tower: trimmed encoding differs from open_clip's by %.2g; using all %d positions", diff, ids.shape[1])
+            return False
+        return True
 
 
 def _pickled_weight_files(name: str, pretrained: str | None) -> list[Path]:
@@ -314,6 +378,27 @@ def _model_cfg(name: str) -> dict:
     import open_clip
 
     return open_clip.get_model_config(name) or {}
+
+
+def _trim_exact(model) -> bool:
+    """True when running the text tower on fewer positions than the context length is exact: an
+    open_clip ``CLIP`` (text tower inline, not an HF or custom one) whose attention mask is causal
+    (-inf exactly above the diagonal) and which pools at the end-of-text token (``argmax``/``eos``;
+    ``last`` reads the final position, which trimming would move). Anything else (non-causal or
+    padding-masked towers, other pooling) keeps the full path."""
+    import torch
+
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "text_pool_type")
+    mask = getattr(model, "attn_mask", None)
+    if not all(hasattr(model, a) for a in needed) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    n = model.positional_embedding.shape[0]
+    if mask.shape != (n, n):
+        return False
+    above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    causal = bool((torch.isneginf(mask) == above).all()) and bool((mask[~above] == 0).all())
+    pool = model.text_pool_type
+    return causal and (pool == "argmax" or (pool == "eos" and getattr(model, "text_eos_id", None) is not None))
 
 
 def _text_final_norm(model):
