@@ -201,8 +201,8 @@ def indexing_threads(encoder: Encoder) -> int:
     current = torch.get_num_threads()
     if str(getattr(encoder, "device", "cpu")) != "cpu":
         return current
-    workers = int(getattr(encoder.config, "workers", 0))
-    return int(getattr(encoder.config, "index_threads", 0) or 0) or max(1, current - workers)
+    configured = int(getattr(encoder.config, "index_threads", 0) or 0)
+    return configured if configured > 0 else max(1, current - int(getattr(encoder.config, "workers", 0)))
 
 
 @contextmanager
