@@ -48,11 +48,12 @@ class SearchSizes:
     limits: tuple[int, ...] = (10, 100)  # k without a reranker; candidates with one
     index_types: tuple[str, ...] = ("AUTOINDEX", "HNSW")
     settle_probes: int = 3  # raw searches timed before and after the flush
+    settle_after_s: tuple[float, ...] = (5, 10, 20, 30)  # probes again this long after the flush (index builds meanwhile)
 
 
 def sizes_for(quick: bool) -> SearchSizes:
     if quick:
-        return SearchSizes(sizes=(1000,), queries=10, rounds=5, limits=(10,))
+        return SearchSizes(sizes=(1000,), queries=10, rounds=5, limits=(10,), settle_after_s=())
     return SearchSizes(sizes=(10_000, 100_000), queries=200, rounds=60)
 
 
@@ -163,10 +164,18 @@ def _settle(store: Any, queries: np.ndarray, sizes: SearchSizes) -> dict[str, An
 
     unflushed = probe()
     flush_s = clock(store.flush, "cpu")[0]
+    start = time.perf_counter()
     flushed = probe()
+    # Milvus Lite builds the sealed segments' index in the background: latency falls further
+    # over the next seconds without any other call.
+    later = []
+    for wait in sizes.settle_after_s:
+        time.sleep(max(0.0, wait - (time.perf_counter() - start)))
+        later.append({"after_s": wait, **probe()})
     reload_s = clock(lambda: (client.release_collection(name), client.load_collection(name)), "cpu")[0]
     return {
         "raw_search_unflushed": unflushed, "flush_s": round(flush_s, 2), "raw_search_flushed": flushed,
+        "raw_search_after_flush": later,
         "release_load_s": round(reload_s, 2), "raw_search_flushed_reloaded": probe(),
         "note": "'unflushed': rows as upserted (what Pipeline.index left before it flushed Milvus Lite); "
                 "'flushed': after MilvusStore.flush(), which an index run ends with",
