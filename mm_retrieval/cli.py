@@ -247,6 +247,13 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--negatives", type=int, default=15, show_default=True, help="Hard negatives per caption, from the first stage's top ranks.")
 @click.option("--hard-pool", type=int, default=32, show_default=True, help="How deep in the first stage's ranking negatives are drawn.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--split-by", default="group", show_default=True,
+              help="Comma-separated columns: rows sharing a value in any of them stay on one side of the train/val "
+                   "split (e.g. group,combination for the compositional set, so val measures unseen combinations).")
+@click.option("--objective", type=click.Choice(["separate", "residual"]), default="separate", show_default=True,
+              help="separate: the head learns to rank on its own and the first stage's weight is fitted on val "
+                   "(best when the first stage is strong on its training captions); residual: the head learns "
+                   "corrections on top of the first stage's scores.")
 @click.option("--patience", type=int, default=6, show_default=True, help="Stop after this many epochs without a better validation R@1.")
 @click.option("--width", type=int, help="Reranker width (default 256).")
 @click.option("--depth", type=int, help="Blocks (default 2).")
@@ -257,7 +264,7 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
 def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, negatives: int, hard_pool: int,
-                       val_fraction: float, patience: int, width: int | None, depth: int | None, heads: int | None,
+                       val_fraction: float, split_by: str, objective: str, patience: int, width: int | None, depth: int | None, heads: int | None,
                        kv_heads: int | None, memory_dim: int | None, seed: int, resume: bool, as_json: bool, **kwargs: Any) -> None:
     """Train the cross-attention reranker on TABLE's image-caption pairs.
 
@@ -276,7 +283,8 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
     arch = prune_none({"width": width, "depth": depth, "heads": heads, "kv_heads": kv_heads, "memory_dim": memory_dim})
     res = train_reranker(table, out_dir, encoder=encoder, reranker_config=arch or None, epochs=epochs, batch_size=batch_size, lr=lr,
                          negatives=negatives, hard_pool=hard_pool, val_fraction=val_fraction, patience=patience, seed=seed,
-                         resume=resume)
+                         resume=resume, split_by=tuple(c.strip() for c in split_by.split(",") if c.strip()),
+                         objective=objective)
     summary = {"out_dir": str(res.out_dir), "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "val": res.val,
                "n_train": res.n_train, "n_val": res.n_val, "seconds": round(res.seconds, 1)}
     if as_json:

@@ -51,6 +51,7 @@ def sizes_for(quick: bool) -> QualitySizes:
 def run(workdir: Path, device: str, quick: bool = False, sizes: QualitySizes | None = None) -> dict[str, Any]:
     """Run the suite in ``workdir`` (everything is rebuilt); returns its JSON section."""
     from ..datasets import generate_compositional
+    from ..demo import RERANKER_RECIPE
     from ..evaluation import evaluate
     from ..pipeline import Pipeline
     from ..training import train_encoder
@@ -78,7 +79,8 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: QualitySizes | N
     base.encoder.warm_up()
     t = time.perf_counter()
     rr_dir = root / "reranker"
-    rr = train_reranker(train_csv, rr_dir, encoder=base.encoder, epochs=sizes.reranker_epochs, device=device, progress=False)
+    rr = train_reranker(train_csv, rr_dir, encoder=base.encoder, epochs=sizes.reranker_epochs, device=device,
+                        progress=False, **RERANKER_RECIPE)
     phases["train_reranker_s"] = time.perf_counter() - t
 
     pipe = Pipeline(db=db, collection="quality", device=device, encoder=encoder_params, reranker=str(rr_dir))

@@ -62,8 +62,13 @@ class RerankerConfig:
     # scale * cos are the first stage's own softmax logits and a listwise loss starts calibrated.
     retrieval_scale_init: float = 100.0
     learn_retrieval_scale: bool = True  # let training re-balance first stage vs corrections
+    # Patch tokens per image (P) for a learned per-patch position added to the memory; 0 = none.
+    # Deep in a ViT, patch tokens keep little of where they are, and relations ("left of") need it.
+    num_patches: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_patches, bool) or not isinstance(self.num_patches, int) or self.num_patches < 0:
+            raise ConfigError(f"reranker config: num_patches must be an integer >= 0, got {self.num_patches!r}")
         for name in ("text_dim", "image_dim", "width", "depth", "heads", "kv_heads", "memory_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -265,6 +270,8 @@ class Reranker(nn.Module):
             nn.Linear(cfg.image_dim, cfg.memory_dim),
             nn.LayerNorm(cfg.memory_dim),
         )
+        # Added before the last LayerNorm, so the cached memory keeps the same layout and scale.
+        self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.memory_dim)) if cfg.num_patches else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, 1))
@@ -313,7 +320,16 @@ class Reranker(nn.Module):
                 f"image_tokens must be [N, P, {self.config.image_dim}], got {list(image_tokens.shape)}"
             )
         w = self._weight()
-        return self.image_in(image_tokens.to(device=w.device, dtype=w.dtype))
+        x = image_tokens.to(device=w.device, dtype=w.dtype)
+        if self.patch_pos is None:
+            return self.image_in(x)
+        if x.shape[1] != self.config.num_patches:
+            raise InputError(
+                f"image_tokens have {x.shape[1]} patches but this reranker was trained on "
+                f"{self.config.num_patches}; use the encoder it was trained with"
+            )
+        norm_in, proj, norm_out = self.image_in
+        return norm_out(proj(norm_in(x)) + self.patch_pos)
 
     # -- query time ---------------------------------------------------------------------------
 

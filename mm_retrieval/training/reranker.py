@@ -5,9 +5,9 @@ The recipe is ALBEF/BLIP's image-text matching with hard negatives from a frozen
 1. **Features, once.** The dual encoder is frozen. Every unique image is encoded once (patch tokens,
    kept in fp16, plus its embedding) and every unique caption once (token features, padding mask,
    embedding); all of it stays in memory as CPU tensors.
-2. **Split.** Rows are split into train/val by contrast ``group`` when the table has that column
-   (the four images of a group share their caption words, so splitting inside a group would leak),
-   else by image. Seeded.
+2. **Split.** Rows are split into train/val by unit: rows sharing an image or a value of any
+   ``split_by`` column (default the contrast ``group``, when the table has it: the four images of a
+   group share their caption words, so splitting inside a group would leak) form one unit. Seeded.
 3. **Candidates.** The first stage is the cosine similarity over the split's own gallery. A
    caption's relevant images are its row's image and every image whose row has the identical
    caption; its *hard pool* is the ``hard_pool`` best-ranked images that are not relevant.
@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mm_retrieval.errors import ConfigError, IncompatibleError, InputError, ModelLoadError
@@ -69,6 +70,7 @@ WARMUP_STEPS = 50  # linear warm-up, capped at one epoch; then the learning rate
 GRAD_CLIP = 1.0
 EVAL_PAIRS = 4096  # (caption, image) pairs scored per forward at validation
 RECALL_AT = (1, 5, 10)
+OBJECTIVES = ("separate", "residual")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def train_reranker(
     progress: bool = True,
     workers: int = 2,
     encoder: OpenClipEncoder | None = None,
+    split_by: Sequence[str] = ("group",),
+    objective: str = "separate",
 ) -> RerankerTrainResult:
     """Train a cross-attention reranker on ``table`` over a frozen dual encoder; write it to ``out_dir``.
 
@@ -157,6 +161,11 @@ def train_reranker(
         progress: tqdm progress bars on stderr.
         workers: image-decoding processes when the encoder is built here.
         encoder: an already-built ``OpenClipEncoder`` to use instead of ``model``/``pretrained``.
+        split_by: columns whose shared values keep rows on one side of the train/val split
+            (``group`` is skipped when absent). For the compositional set, ``("group",
+            "combination")`` validates on attribute combinations training never saw, which is
+            what the held-out test measures; by group alone, val shares combinations with train
+            and rewards memorising them.
 
     Raises:
         InputError: missing/unreadable table, no ``caption`` column, no usable rows, too few images
@@ -169,9 +178,11 @@ def train_reranker(
 
     started = time.monotonic()
     _check_hparams(epochs, batch_size, lr, weight_decay, negatives, hard_pool, val_fraction, patience)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     table = Path(table).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
-    rows = _read_rows(table)
+    rows = _read_rows(table, split_by)
 
     if encoder is None:
         encoder = _build_encoder(model, pretrained, device, workers)
@@ -184,6 +195,8 @@ def train_reranker(
         "weight_decay": float(weight_decay),
         "val_fraction": float(val_fraction),
         "n_rows": len(rows),
+        "split_by": list(split_by),
+        "objective": objective,
     }
     state_path = out_dir / STATE_FILE
     state = None
@@ -211,7 +224,8 @@ def train_reranker(
     with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG untouched
         torch.manual_seed(seed)
         loop = _TrainLoop(cfg, feats, train, train_pool, val, n_neg, run_device,
-                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                          objective=objective)
         if state is not None:
             _check_signature(state_path, state, signature)
             loop.load_state(state)
@@ -246,6 +260,8 @@ def train_reranker(
         "seed": seed,
         "n_train": len(train.row_query),
         "n_val": len(val.row_query),
+        "split_by": list(split_by),
+        "objective": objective,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     from mm_retrieval.reranking.checkpoint import save_reranker
@@ -288,7 +304,7 @@ def _check_hparams(epochs, batch_size, lr, weight_decay, negatives, hard_pool, v
         )
 
 
-def _read_rows(table: Path):
+def _read_rows(table: Path, split_by: Sequence[str] = ("group",)):
     """The table's unique (image path, caption, unit) rows as a DataFrame; errors say how to fix."""
     import pandas as pd
 
@@ -312,13 +328,37 @@ def _read_rows(table: Path):
     rows = df.loc[keep, ["path"]].copy()
     rows["path"] = [str(resolve_path(table, p)) for p in rows["path"]]
     rows["caption"] = captions[keep].astype(str)
-    # A group keeps near-duplicates on one side of the split; rows without one are their own unit.
-    if "group" in df.columns:
-        group = df.loc[keep, "group"]
-        rows["unit"] = ["i:" + p if pd.isna(g) else "g:" + str(g) for g, p in zip(group, rows["path"])]
-    else:
-        rows["unit"] = "i:" + rows["path"]
+    rows["unit"] = _split_units(df.loc[keep], rows["path"], split_by, table)
     return rows.drop_duplicates(["path", "caption"]).reset_index(drop=True)
+
+
+def _split_units(df, paths, split_by: Sequence[str], table: Path) -> list[str]:
+    """One split unit per row: rows that share an image, or a value in any ``split_by`` column,
+    land on the same side (connected components), so near-duplicates never straddle the split."""
+    import pandas as pd
+
+    missing = [c for c in split_by if c not in df.columns and c != "group"]
+    if missing:
+        raise InputError(
+            f"split_by column(s) {missing} are not in {table} (columns: {', '.join(map(str, df.columns))}); "
+            "name existing columns or leave the option out"
+        )
+    parent = list(range(len(paths)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key, column in [("path", list(paths))] + [(c, list(df[c])) for c in split_by if c in df.columns]:
+        first: dict[str, int] = {}
+        for i, value in enumerate(column):
+            if value is None or (not isinstance(value, str) and pd.isna(value)):
+                continue  # a row without a value is not linked by this column
+            j = first.setdefault(f"{value}", i)
+            parent[find(i)] = find(j)
+    return [f"u{find(i)}" for i in range(len(paths))]
 
 
 def _build_encoder(model, pretrained, device, workers):
@@ -434,6 +474,9 @@ def _make_config(encoder, feats: _Features, overrides: dict[str, Any] | None) ->
 
     overrides = dict(overrides or {})
     dims = {"text_dim": int(feats.text_tokens.shape[-1]), "image_dim": int(feats.image_tokens.shape[-1])}
+    # A learned position per patch: relations ("left of") need where a patch is, which deep ViT
+    # tokens keep only faintly. ``num_patches=0`` in the overrides turns it off.
+    overrides.setdefault("num_patches", int(feats.image_tokens.shape[1]))
     for key, value in dims.items():
         if key in overrides and overrides[key] != value:
             raise ConfigError(
@@ -478,17 +521,30 @@ def _split(feats: _Features, val_fraction: float, seed: int) -> tuple[_Split, _S
     perm = np.random.default_rng(seed).permutation(len(units))
     val_units = {units[i] for i in perm[:n_val]}
     is_val = torch.tensor([u in val_units for u in feats.row_unit])
-    return _side(feats, ~is_val), _side(feats, is_val)
+    # Val captions search the whole table's images, as at inference: a val gallery of its own few
+    # images would be far easier than a collection, and would not show whether the reranker fixes
+    # the first stage's mistakes against images it was trained on.
+    return _side(feats, ~is_val), _side(feats, is_val, gallery=feats.row_image)
 
 
-def _side(feats: _Features, rows: torch.Tensor) -> _Split:
+def _side(feats: _Features, rows: torch.Tensor, gallery: torch.Tensor | None = None) -> _Split:
+    """The split of ``rows``; its gallery is their images, or the images in ``gallery``."""
     import torch
 
     r_img, r_cap = feats.row_image[rows], feats.row_caption[rows]
-    images, row_image = torch.unique(r_img, return_inverse=True)
+    if gallery is None:
+        images, row_image = torch.unique(r_img, return_inverse=True)
+    else:
+        images = torch.unique(gallery)
+        row_image = torch.searchsorted(images, r_img)
     queries, row_query = torch.unique(r_cap, return_inverse=True)
     relevant = torch.zeros(len(queries), len(images), dtype=torch.bool)
     relevant[row_query, row_image] = True
+    if gallery is not None:  # an identical caption on a gallery image outside ``rows`` counts too
+        q_of = {int(c): i for i, c in enumerate(queries)}
+        for c, img in zip(feats.row_caption.tolist(), feats.row_image.tolist()):
+            if c in q_of:
+                relevant[q_of[c], int(torch.searchsorted(images, torch.tensor(img)))] = True
     sims = feats.text_emb[queries] @ feats.image_emb[images].T
     return _Split(images, queries, relevant, sims, row_query, row_image)
 
@@ -536,13 +592,14 @@ class _TrainLoop:
     """Model, optimiser, sampling and model selection; state round-trips through plain tensors."""
 
     def __init__(self, cfg, feats, train, train_pool, val, n_neg, device, *, batch_size, lr,
-                 weight_decay, seed):
+                 weight_decay, seed, objective="separate"):
         import torch
 
         from mm_retrieval.models.reranker import Reranker
 
         self.cfg, self.feats, self.train, self.train_pool, self.val = cfg, feats, train, train_pool, val
         self.n_neg, self.device, self.batch_size, self.lr = n_neg, device, batch_size, lr
+        self.objective = objective
         self.model = Reranker(cfg).to(device)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
@@ -592,31 +649,66 @@ class _TrainLoop:
         model.load_state_dict(self.best_state)
         return model.eval()
 
-    def evaluate(self) -> dict[str, float]:
-        """Rerank each val caption's first-stage top ``depth``; metrics over the whole gallery."""
+    def evaluate(self, fit_scale: bool = True) -> dict[str, float]:
+        """Rerank each val caption's first-stage top ``depth``; metrics over the whole gallery.
+
+        With the ``separate`` objective and ``fit_scale``, the first-stage weight is first set to
+        the value that ranks val best (see :meth:`_fit_scale`).
+        """
         import torch
 
         model, val, feats, K = self.model, self.val, self.feats, self.depth
         model.eval()
+        top = self.val_order[:, :K]  # [q, K] gallery indices
+        first = val.sims.gather(1, top)  # [q, K] first-stage cosines
         with torch.no_grad():
-            memory = model.image_memory(feats.image_tokens[val.images].to(self.device).float())
-            top = self.val_order[:, :K]  # [q, K] gallery indices
+            memory = model.image_memory(feats.image_tokens[val.images[top.unique()]].to(self.device).float())
+            slot = torch.full((len(val.images),), -1, dtype=torch.long)
+            slot[top.unique()] = torch.arange(memory.shape[0])
             per = max(1, EVAL_PAIRS // K)
-            logits = []
+            heads = []
             for s in range(0, len(val.queries), per):
                 cand = top[s : s + per]  # [b, K]
                 b = cand.shape[0]
                 caps = val.queries[s : s + b].repeat_interleave(K)
-                out = model(
+                out = model(  # a zero first-stage score leaves the head's own logits
                     feats.text_tokens[caps].to(self.device), feats.text_mask[caps].to(self.device),
-                    memory[cand.reshape(-1).to(self.device)],
-                    val.sims[s : s + b].gather(1, cand).reshape(-1), pairs=True, chunk_size=1024,
+                    memory[slot[cand.reshape(-1)].to(self.device)],
+                    torch.zeros(b * K), pairs=True, chunk_size=1024,
                 )
-                logits.append(out.view(b, K).cpu())
-            logits = torch.cat(logits)
+                heads.append(out.view(b, K).cpu())
+            head = torch.cat(heads)
+            if fit_scale and self.objective == "separate":
+                self._fit_scale(first, head, top)
+            scale = float(model.retrieval_scale)
+        return self._rank(scale * first + head, top)
+
+    def _rank(self, logits: torch.Tensor, top: torch.Tensor) -> dict[str, float]:
+        import torch
+
         rerank = torch.sort(logits, dim=1, descending=True, stable=True).indices
-        ranking = torch.cat([top.gather(1, rerank), self.val_order[:, K:]], dim=1)
-        return _recall(ranking, val.relevant)
+        ranking = torch.cat([top.gather(1, rerank), self.val_order[:, top.shape[1]:]], dim=1)
+        return _recall(ranking, self.val.relevant)
+
+    def _fit_scale(self, first: torch.Tensor, head: torch.Tensor, top: torch.Tensor) -> None:
+        """Set the first-stage weight to the grid value whose val ranking is best (R@1, then MRR).
+
+        The head was trained to rank on its own; how much the first stage should still count is one
+        number, chosen on held-out captions like any other hyper-parameter. The grid spans the
+        encoder's own temperature / 64 to x 64, so the head alone and the first stage alone are
+        both (nearly) within reach.
+        """
+        import torch
+
+        base = self.cfg.retrieval_scale_init
+        best_key, best_scale = None, base
+        grid = [base * 2.0**k for k in torch.linspace(-6, 6, 37).tolist()]
+        for scale in sorted(grid, key=lambda g: abs(math.log(g / base))):  # ties keep the nearest
+            m = self._rank(scale * first + head, top)
+            key = (m["R@1"], m["MRR"])
+            if best_key is None or key > best_key:
+                best_key, best_scale = key, scale
+        self.model.log_retrieval_scale.data.fill_(math.log(best_scale))
 
     # -- training -----------------------------------------------------------------------------
 
@@ -685,6 +777,8 @@ class _TrainLoop:
         cands = torch.cat([pos[:, None], pool.gather(1, pick)], 1)  # [B, 1 + n_neg], positive first
         B, C = cands.shape
         score = train.sims[q[:, None], cands].reshape(-1)  # the first stage's cosine of each pair
+        if self.objective == "separate":  # the head learns to rank on its own (see the module doc)
+            score = torch.zeros_like(score)
         # Memory inside the graph so gradients reach image_in. Computed per pair rather than per
         # distinct image: sharing it would make backward a scatter-add, which is not deterministic.
         memory = self.model.image_memory(feats.image_tokens[train.images[cands].reshape(-1)].to(dev).float())

@@ -8,6 +8,7 @@ other tests reuse them. Everything runs on CPU and is deterministic for a given 
 from __future__ import annotations
 
 import logging
+import math
 
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ from mm_retrieval.errors import ConfigError, IncompatibleError, InputError
 from mm_retrieval.reranking.checkpoint import load_reranker
 from mm_retrieval.stages.encoders.open_clip import OpenClipEncoder
 from mm_retrieval.training import RerankerTrainResult, train_encoder, train_reranker
-from mm_retrieval.training.reranker import STATE_FILE
+from mm_retrieval.training.reranker import STATE_FILE, _split_units
 
 SMALL = {"width": 64, "depth": 2, "heads": 2, "kv_heads": 1, "memory_dim": 32}
 # One recipe for every run here, so a resumed run can be compared with the fixture's straight one.
@@ -76,7 +77,8 @@ def test_split_and_val_metrics(trained):
     # Split by contrast group: 100 groups of 4 images, 10 groups held out.
     assert (trained.n_train, trained.n_val) == (360, 40)
     val = trained.val
-    assert (val["queries"], val["images"], val["depth"]) == (40, 40, 40)
+    # Val captions search the whole table's 400 images, as they would in a collection.
+    assert (val["queries"], val["images"], val["depth"]) == (40, 400, 100)
     for side in ("first_stage", "reranked"):
         assert set(val[side]) == {"R@1", "R@5", "R@10", "MRR"}
         assert all(0.0 <= v <= 1.0 for v in val[side].values())
@@ -135,6 +137,43 @@ def test_resume_continues_exactly_where_it_stopped(data, encoder, trained, tmp_p
         assert resumed == pytest.approx(straight, rel=1e-6)
 
 
+def test_separate_objective_fits_the_first_stage_weight_on_val(trained, encoder):
+    # The head ranks on its own; the first stage's weight is a grid value chosen on val:
+    # CLIP's temperature x 2^(k/3), k in -18..18.
+    model, meta = load_reranker(trained.out_dir, expected_encoder_fingerprint=encoder.fingerprint)
+    assert meta["extra"]["objective"] == "separate"
+    k = 3 * math.log2(float(model.retrieval_scale.detach()) / model.config.retrieval_scale_init)
+    assert abs(k - round(k)) < 1e-3 and -18 <= round(k) <= 18
+
+
+def test_split_by_keeps_linked_rows_together(tmp_path):
+    # Rows sharing a group or a combination (or an image) form one unit: a-b share a group, b-c a
+    # combination, d stands alone, e shares d's image; f has no values and is its own unit.
+    df = pd.DataFrame({
+        "path": ["1.png", "2.png", "3.png", "4.png", "4.png", "5.png"],
+        "group": ["g1", "g1", "g2", "g3", "g4", None],
+        "combination": ["x", "y", "y", "z", "w", None],
+    })  # fmt: skip
+    units = _split_units(df, list(df["path"]), ("group", "combination"), tmp_path / "t.csv")
+    assert units[0] == units[1] == units[2]
+    assert units[3] == units[4] and units[3] != units[0]
+    assert len(set(units)) == 3
+    by_group = _split_units(df, list(df["path"]), ("group",), tmp_path / "t.csv")
+    assert by_group[0] == by_group[1] != by_group[2]
+    with pytest.raises(InputError, match=r"split_by column\(s\) \['scene'\] are not in"):
+        _split_units(df, list(df["path"]), ("group", "scene"), tmp_path / "t.csv")
+
+
+def test_residual_objective_learns_corrections_on_top_of_the_first_stage(data, encoder, tmp_path):
+    run = {**RUN, "epochs": 2, "objective": "residual", "split_by": ("group", "combination")}
+    result = train_reranker(data.train_table, tmp_path, encoder=encoder, **run)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    model, meta = load_reranker(tmp_path, expected_encoder_fingerprint=encoder.fingerprint)
+    assert meta["extra"]["objective"] == "residual"
+    assert meta["extra"]["split_by"] == ["group", "combination"]
+    assert result.n_val != 40  # whole colour-swap classes are held out, not 10 groups
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -159,7 +198,8 @@ def test_empty_table(encoder, tmp_path):
 
 @pytest.mark.parametrize(
     "bad, match",
-    [({"val_fraction": 0.0}, "val_fraction"), ({"negatives": 0}, "negatives"), ({"epochs": 0}, "epochs")],
+    [({"val_fraction": 0.0}, "val_fraction"), ({"negatives": 0}, "negatives"), ({"epochs": 0}, "epochs"),
+     ({"objective": "pairwise"}, "objective must be one of separate, residual")],
 )
 def test_bad_settings(data, encoder, tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -276,6 +276,38 @@ def test_input_validation():
         model.image_memory(torch.randn(2, P, DI + 1))
 
 
+def test_patch_positions_tell_apart_images_that_differ_only_in_where_things_are():
+    # Two images with the same patch tokens in swapped places: without positions the memory is a
+    # set, so every query scores them alike; with num_patches each patch also knows its place.
+    text, mask, images, _ = make_inputs(B=1, N=1)
+    swapped = images.flip(1)  # the same patches, in reverse order
+    pair = torch.cat([images, swapped])  # [2, P, DI]
+    score = torch.zeros(2)
+    with torch.no_grad():
+        plain = trained_like(tiny_config())
+        same = plain(text, mask, plain.image_memory(pair), score)
+        model = trained_like(tiny_config(num_patches=P))
+        logits = model(text, mask, model.image_memory(pair), score)
+    assert float(same[0, 0]) == pytest.approx(float(same[0, 1]), abs=1e-5)
+    assert abs(float(logits[0, 0] - logits[0, 1])) > 1e-3
+    assert model.image_memory(pair).shape == (2, P, 8)  # same cached layout as without positions
+
+
+def test_patch_positions_config_and_errors(tmp_path):
+    cfg = tiny_config(num_patches=P)
+    assert RerankerConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in tiny_config().to_dict().items() if k != "num_patches"}
+    assert RerankerConfig.from_dict(old).num_patches == 0  # checkpoints from before still load
+    with pytest.raises(ConfigError, match="num_patches"):
+        tiny_config(num_patches=-1)
+    model = trained_like(cfg)
+    with pytest.raises(InputError, match=f"have {P + 1} patches but this reranker was trained on {P}"):
+        model.image_memory(torch.randn(2, P + 1, DI))
+    text, mask, images, score = make_inputs()
+    loaded, _ = load_reranker(save_reranker(model, tmp_path / "rr", encoder_fingerprint="e"))
+    assert torch.equal(loaded.score_images(text, mask, images, score), model.score_images(text, mask, images, score))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
