@@ -76,6 +76,7 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: QualitySizes | N
     encoder_params = {"model": str(enc_dir)}
     base = Pipeline(db=db, collection="quality", device=device, encoder=encoder_params)
     base.store.drop()
+    base.close()  # no idle Milvus Lite connection held open through minutes of training
     base.encoder.warm_up()
     t = time.perf_counter()
     rr_dir = root / "reranker"
