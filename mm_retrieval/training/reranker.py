@@ -541,10 +541,9 @@ def _side(feats: _Features, rows: torch.Tensor, gallery: torch.Tensor | None = N
     relevant = torch.zeros(len(queries), len(images), dtype=torch.bool)
     relevant[row_query, row_image] = True
     if gallery is not None:  # an identical caption on a gallery image outside ``rows`` counts too
-        q_of = {int(c): i for i, c in enumerate(queries)}
-        for c, img in zip(feats.row_caption.tolist(), feats.row_image.tolist()):
-            if c in q_of:
-                relevant[q_of[c], int(torch.searchsorted(images, torch.tensor(img)))] = True
+        same = torch.isin(feats.row_caption, queries)  # queries and images are sorted (torch.unique)
+        relevant[torch.searchsorted(queries, feats.row_caption[same]),
+                 torch.searchsorted(images, feats.row_image[same])] = True
     sims = feats.text_emb[queries] @ feats.image_emb[images].T
     return _Split(images, queries, relevant, sims, row_query, row_image)
 
