@@ -177,6 +177,8 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
     _echo(f"{len(result.hits)} hits for {result.query!r} ({result.mode} mode, {stage}, {result.timings_ms['total']:.0f} ms)")
     for h in result.hits:
         extra = f"  retrieval {h.retrieval_score:.3f}" if result.reranked else ""
+        if h.rerank_score is not None:  # hybrid: the score fuses the reranker's order with the captions'
+            extra = f"  reranker {h.rerank_score:.3f}{extra}"
         cap = f"  \"{h.caption}\"" if h.caption else ""
         _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path or '(text item)'}{cap}")
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .decode import content_hash, item_id
 from .errors import InputError
+from .stages.fusion import rerank_hits
 from .tables import read_table, resolve_path
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
         "candidates": candidates,
     }
     if reranker is not None:
-        reranked = [reranker.rerank(c, hits[:candidates], max(KS)) for c, hits in zip(captions, first)]
+        reranked = [rerank_hits(reranker, c, hits[:candidates], max(KS), mode=mode, search=opts)
+                    for c, hits in zip(captions, first)]
         doc["reranked"] = recall([[h.id for h in hits] for hits in reranked], relevant)
     else:
         doc["reranked"] = None

@@ -23,6 +23,7 @@ from . import registry
 from .config import PipelineConfig, SearchConfig, StageSpec, config_from_dict, prune_none
 from .errors import InputError
 from .stages.base import Encoder, Reranker, Source, Store
+from .stages.fusion import rerank_hits
 from .tables import TABLE_EXTENSIONS
 from .types import IndexReport, SearchResult
 
@@ -266,7 +267,7 @@ class Pipeline:
             hits = store.search(vec, limit, filter, mode=mode)[0]
         timings["search"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        hits = reranker.rerank(q, hits, opts.k) if reranker is not None else hits[: opts.k]
+        hits = rerank_hits(reranker, q, hits, opts.k, mode=mode, search=opts) if reranker is not None else hits[: opts.k]
         timings["rerank"] = (time.perf_counter() - t) * 1000
         timings["total"] = timings["encode"] + timings["search"] + timings["rerank"]
         label = q if q is not None else (f"image:{image_id}" if image_id is not None else f"image:{_image_label(image)}")

@@ -44,6 +44,8 @@ class Hit:
     rank: int = 0
     has_image: bool = True  # False for text-only items (a table row without a path)
     image_score: float | None = None  # hybrid search: the image-vector similarity (the reranker's input)
+    text_score: float | None = None  # hybrid search: the text-vector similarity (None: the item has no text)
+    rerank_score: float | None = None  # hybrid + rerank: the reranker's own score (``score`` is the fused one)
 
     @property
     def first_stage_image_score(self) -> float:
@@ -62,8 +64,9 @@ class Hit:
         }
         if not self.has_image:
             doc["has_image"] = False
-        if self.image_score is not None:
-            doc["image_score"] = self.image_score
+        for name in ("image_score", "text_score", "rerank_score"):
+            if getattr(self, name) is not None:
+                doc[name] = getattr(self, name)
         return doc
 
 

@@ -75,7 +75,15 @@ def test_reranker_applies_to_text_queries_over_images_only(mixed):
     hybrid = rpipe.search("a red picture", mode="hybrid", k=5)
     assert hybrid.reranked and all(h.has_image for h in hybrid.hits)  # the reranker ranks images
     for h in hybrid.hits:  # a fresh reranker scores 100 x the image cosine it builds on
-        assert h.score == pytest.approx(100 * h.image_score, rel=1e-4)
+        assert h.rerank_score == pytest.approx(100 * h.image_score, rel=1e-4)
+    # ... so it ranks exactly like the image leg, and fused with the text leg again it gives back
+    # the hybrid order: reranking never throws away what the captions found
+    opts = rpipe.config.search
+    plain = rpipe.store.hybrid_search(rpipe.encoder.encode_text(["a red picture"])[0], opts.candidates, ranker="rrf",
+                                      rrf_k=opts.rrf_k, images_only=True)
+    assert [h.id for h in hybrid.hits] == [h.id for h in plain[:5]]
+    assert any(h.text_score is not None for h in hybrid.hits)
+    assert [h.score for h in hybrid.hits] == sorted((h.score for h in hybrid.hits), reverse=True)
     assert not rpipe.search("a red picture", mode="text", k=5).reranked
     assert not rpipe.search(image=str(root / "img" / "red.png"), mode="image", k=3).reranked
 

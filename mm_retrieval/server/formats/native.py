@@ -46,6 +46,8 @@ class SearchHit(BaseModel):
     metadata: dict[str, Any] = {}
     has_image: Optional[bool] = Field(None, description="Present (false) only for text-only items.")
     image_score: Optional[float] = Field(None, description="Hybrid mode: the image-vector similarity.")
+    text_score: Optional[float] = Field(None, description="Hybrid mode: the text-vector similarity (absent: the item has no text).")
+    rerank_score: Optional[float] = Field(None, description="Hybrid mode, reranked: the reranker's score; `score` fuses it with the text leg.")
 
 
 class SearchResponse(BaseModel):

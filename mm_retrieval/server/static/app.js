@@ -209,9 +209,12 @@ function card(hit, doc) {
   head.querySelector(".name").title = hit.path;
   const scores = document.createElement("div");
   scores.className = "scores";
+  // Hybrid + rerank: `score` fuses the reranker's order with the caption leg; show the reranker's own.
+  const fused = doc.reranked && hit.rerank_score != null;
   scores.append(
-    pill(doc.reranked ? `rerank ${fmt(hit.score)}` : "rerank –", doc.reranked ? "rerank" : "none",
-      doc.reranked ? "The reranker's score (sorts this list)" : "Not reranked"),
+    pill(doc.reranked ? `rerank ${fmt(fused ? hit.rerank_score : hit.score)}` : "rerank –", doc.reranked ? "rerank" : "none",
+      !doc.reranked ? "Not reranked" : fused ? "The reranker's score; the list is sorted by it fused with the caption match"
+        : "The reranker's score (sorts this list)"),
     pill(`first ${fmt(hit.retrieval_score)}`, "first", "First-stage similarity (cosine) from Milvus"));
   cap.append(head, scores);
   fig.append(box, cap);
@@ -287,8 +290,10 @@ async function openDetail(hit, doc) {
   $("detail-title").textContent = basename(hit.path);
   const dl = $("detail-scores");
   dl.textContent = "";
-  const rows = [["Rank", `#${hit.rank}`], ["Reranker score", doc.reranked ? fmt(hit.score) : "– (not reranked)"],
+  const fused = doc.reranked && hit.rerank_score != null;
+  const rows = [["Rank", `#${hit.rank}`], ["Reranker score", doc.reranked ? fmt(fused ? hit.rerank_score : hit.score) : "– (not reranked)"],
     ["First-stage score", fmt(hit.retrieval_score)]];
+  if (fused) rows.push(["Fused with caption match", fmt(hit.score)]);
   if (hit.caption) rows.push(["Caption", hit.caption]);
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;

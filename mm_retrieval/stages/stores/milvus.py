@@ -328,7 +328,9 @@ class MilvusStore(Store):
                       weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60, images_only: bool = False) -> list[Hit]:
         """One query vector against image and text vectors, fused by Milvus' own RRF or weighted
         ranker. Each hit's ``image_score`` is its image-vector similarity (what a reranker builds
-        on). ``images_only`` keeps text-only items out (for reranking, which needs images)."""
+        on) and ``text_score`` its text-vector similarity (None without text), so a reranked image
+        leg can be fused with the text leg again (:mod:`mm_retrieval.stages.fusion`).
+        ``images_only`` keeps text-only items out (for reranking, which needs images)."""
         from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
 
         self._wait_for_index()
@@ -349,13 +351,15 @@ class MilvusStore(Store):
         else:
             raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
         res = self._searching(filter, lambda: self.client.hybrid_search(
-            self.name, requests, ranker=fuse, limit=limit, output_fields=[*HIT_FIELDS, "vector"],
+            self.name, requests, ranker=fuse, limit=limit, output_fields=[*HIT_FIELDS, "vector", "text_vector"],
         ))[0]
         hits = []
         for i, r in enumerate(res):
-            hit = _hit(r, float(r["distance"]), i)
+            hit, e = _hit(r, float(r["distance"]), i), r["entity"]
             if hit.has_image:
-                hit.image_score = float(np.dot(np.asarray(r["entity"]["vector"], dtype=np.float32), q))
+                hit.image_score = float(np.dot(np.asarray(e["vector"], dtype=np.float32), q))
+            if e.get("has_text", False):
+                hit.text_score = float(np.dot(np.asarray(e["text_vector"], dtype=np.float32), q))
             hits.append(hit)
         return hits
 

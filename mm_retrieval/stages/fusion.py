@@ -1,0 +1,90 @@
+"""Reranking hybrid candidates without losing what the text vectors found.
+
+A hybrid first stage fuses two legs: the query against the image vectors and against the items'
+text vectors (captions, titles). The reranker only sees the image side (text tokens attend to
+image patches), so ordering hybrid candidates by its score alone would throw the text leg away:
+on a captioned collection, where the captions carry most of the evidence, that is far worse than
+not reranking at all. Instead the reranker *replaces the image leg*, and its order is fused with
+the text leg by the same ranker the hybrid search used (Milvus' RRF or weighted). A reranker
+that ranks exactly like the image vectors therefore gives back the hybrid order; a better one
+improves on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mm_retrieval.errors import InputError
+from mm_retrieval.types import Hit
+
+__all__ = ["fuse_legs", "rerank_hits"]
+
+
+def rerank_hits(reranker: Any, query: str, hits: Sequence[Hit], k: int, *, mode: str, search: Any) -> list[Hit]:
+    """Rerank first-stage ``hits`` for ``query`` and keep the top ``k``.
+
+    ``mode="image"``: the reranker's order (:meth:`Reranker.rerank`). ``mode="hybrid"``: the
+    reranker's scores fused with the hits' ``text_score`` (see the module docstring) using
+    ``search.hybrid_ranker`` / ``search.hybrid_weights`` / ``search.rrf_k``; each hit's ``score``
+    is then the fused score and ``rerank_score`` the reranker's own.
+    """
+    if mode != "hybrid":
+        return reranker.rerank(query, hits, k)
+    if not hits:
+        return []
+    scores = np.asarray(reranker.score(query, hits), dtype=np.float64)
+    text = [h.text_score for h in hits]
+    fused = fuse_legs(scores, text, ranker=search.hybrid_ranker, weights=tuple(search.hybrid_weights), rrf_k=search.rrf_k)
+    order = np.argsort(-fused, kind="stable")[:k]  # ties keep the first-stage order
+    return [dataclasses.replace(hits[int(i)], score=float(fused[i]), rerank_score=float(scores[i]), rank=r)
+            for r, i in enumerate(order, start=1)]
+
+
+def fuse_legs(image: np.ndarray, text: Sequence[float | None], *, ranker: str = "rrf",
+              weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60) -> np.ndarray:
+    """Fuse an image-leg score per candidate with an optional text-leg score (``None``: the item
+    has no text vector, so it is absent from that leg, as in Milvus' hybrid search).
+
+    ``rrf``: sum over legs of ``1 / (rrf_k + rank)`` (rank 1 = best in that leg).
+    ``weighted``: ``w_image * a + w_text * b`` with each leg's scores min-max scaled to [0, 1]
+    over the candidates (reranker logits and cosines live on different scales; a leg where every
+    candidate scores the same contributes its full weight to each).
+    """
+    image = np.asarray(image, dtype=np.float64)
+    present = np.array([t is not None for t in text], dtype=bool)
+    if len(present) != len(image):
+        raise InputError(f"fuse_legs: {len(image)} image scores but {len(present)} text scores")
+    text_scores = np.array([t if t is not None else 0.0 for t in text], dtype=np.float64)
+    if ranker == "rrf":
+        fused = 1.0 / (rrf_k + _ranks(image))
+        if present.any():
+            ranks = np.full(len(image), np.inf)
+            ranks[present] = _ranks(text_scores[present])
+            fused = fused + 1.0 / (rrf_k + ranks)  # 1 / inf = 0 for items without text
+        return fused
+    if ranker == "weighted":
+        w_image, w_text = weights
+        fused = w_image * _unit(image)
+        if present.any():
+            part = np.zeros(len(image))
+            part[present] = _unit(text_scores[present])
+            fused = fused + w_text * part
+        return fused
+    raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of each score, best (highest) first; ties ranked in input order."""
+    order = np.argsort(-scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    return ranks
+
+
+def _unit(scores: np.ndarray) -> np.ndarray:
+    lo, hi = float(scores.min()), float(scores.max())
+    return np.ones_like(scores) if hi <= lo else (scores - lo) / (hi - lo)
