@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class DemoSizes:
     n_train: int = 2000
     n_test: int = 500
-    encoder_epochs: int = 15
+    encoder_epochs: int = 45
     reranker_epochs: int = 10
 
 

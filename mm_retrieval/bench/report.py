@@ -73,7 +73,7 @@ def figures(doc: dict[str, Any]) -> list[str]:
         lines.append(f"quality first stage R@1/5/10 {'/'.join(_f(v, 3) for v in e['first_stage'].values())} vs reranked "
                      f"{'/'.join(_f(v, 3) for v in e['reranked'].values())} ({e['n_queries']} held-out queries, gallery {e['gallery']})")
         val = q["reranker"]["val"]
-        lines.append(f"        reranker's own val split (seen combinations): R@1 {_f(val['first_stage']['R@1'], 3)} -> "
+        lines.append(f"        reranker's own val split (training rows held out by --split-by): R@1 {_f(val['first_stage']['R@1'], 3)} -> "
                      f"{_f(val['reranked']['R@1'], 3)}, best epoch {q['reranker']['best_epoch']} of {q['reranker']['epochs_run']}")
         lines.append(f"        cache {q['cache']['bytes_per_image']:,} B/img {q['cache']['shape']} fp16: reranked R@1 "
                      f"{_f(q['cache']['reranked_fp16_cache']['R@1'], 3)} vs fp32 memory {_f(q['cache']['reranked_fp32_memory']['R@1'], 3)}")
