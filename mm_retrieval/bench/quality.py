@@ -97,6 +97,10 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: QualitySizes | N
     precision = _cache_precision(pipe, test_csv)
     phases["cache_precision_check_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    contrast = _contrast_groups(pipe, test_csv)
+    phases["contrast_groups_s"] = time.perf_counter() - t
+
     first, reranked = doc["first_stage"], doc["reranked"]
     return {
         "sizes": asdict(sizes),
@@ -109,6 +113,7 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: QualitySizes | N
         "delta_R@1_points": round(100 * (reranked["R@1"] - first["R@1"]), 2),
         "delta_R@10_points": round(100 * (reranked["R@10"] - first["R@10"]), 2),
         "cache": precision,
+        "contrast_groups": contrast,
         "phases_s": {k: round(v, 1) for k, v in phases.items()},
     }
 
@@ -160,3 +165,41 @@ def _cache_precision(pipe: Any, table: Path) -> dict[str, Any]:
         "reranked_fp32_memory": recall(ranked32, relevant),
         "against": "fp32 memory recomputed from the encoder's patch tokens, same candidates",
     }
+
+
+def _contrast_groups(pipe: Any, table: Path) -> dict[str, Any]:
+    """Binding in isolation: for each held-out caption, which scene of its contrast group (the
+    scenes that share every caption word but bind them differently, see
+    :mod:`mm_retrieval.datasets.compositional`) does each stage put first? A bag of words can
+    only guess (chance = 1 / group size); Recall@K mixes this with everything else."""
+    from ..decode import content_hash, item_id
+    from ..evaluation import load_queries
+    from ..tables import read_table, resolve_path
+    from ..types import Hit
+
+    df = read_table(table)
+    queries = load_queries(table)
+    ids = [item_id(content_hash(resolve_path(table, p).read_bytes())) for p in df["path"]]
+    vectors = {r["id"]: np.asarray(r["vector"], dtype=np.float32)
+               for r in pipe.store.get(sorted(set(ids)), fields=["id", "vector"])}
+    members: dict[str, list[str]] = {}
+    for group, i in zip(df["group"], ids):
+        members.setdefault(str(group), [])
+        if i not in members[str(group)]:
+            members[str(group)].append(i)
+    captions = [str(c) for c in df["caption"]]
+    text = pipe.encoder.encode_text(captions)
+    first_ok = rerank_ok = 0
+    chance, n = 0.0, 0
+    for caption, group, vec in zip(captions, df["group"], text):
+        scene_ids = members[str(group)]
+        if len(scene_ids) < 2:
+            continue
+        cos = np.stack([vectors[i] for i in scene_ids]) @ vec
+        hits = [Hit(id=i, path="", score=float(c), retrieval_score=float(c)) for i, c in zip(scene_ids, cos)]
+        reranked = pipe.reranker.score(caption, hits)
+        first_ok += scene_ids[int(np.argmax(cos))] in queries[caption]
+        rerank_ok += scene_ids[int(np.argmax(reranked))] in queries[caption]
+        chance += len(queries[caption] & set(scene_ids)) / len(scene_ids)
+        n += 1
+    return {"queries": n, "first_stage": first_ok / max(n, 1), "reranked": rerank_ok / max(n, 1), "chance": chance / max(n, 1)}

@@ -77,6 +77,9 @@ def figures(doc: dict[str, Any]) -> list[str]:
                      f"{_f(val['reranked']['R@1'], 3)}, best epoch {q['reranker']['best_epoch']} of {q['reranker']['epochs_run']}")
         lines.append(f"        cache {q['cache']['bytes_per_image']:,} B/img {q['cache']['shape']} fp16: reranked R@1 "
                      f"{_f(q['cache']['reranked_fp16_cache']['R@1'], 3)} vs fp32 memory {_f(q['cache']['reranked_fp32_memory']['R@1'], 3)}")
+        if cg := q.get("contrast_groups"):  # absent in documents from before it was measured
+            lines.append(f"        own scene first within its contrast group ({cg['queries']} captions): first stage "
+                         f"{_f(cg['first_stage'], 3)} vs reranked {_f(cg['reranked'], 3)} (chance {_f(cg['chance'], 3)})")
         lines.append("        phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in q["phases_s"].items()))
     return lines
 

@@ -124,6 +124,9 @@ def test_bench_quality_quick(tmp_path, capsys):
         assert set(q["eval"][name]) == {"R@1", "R@5", "R@10"}
         assert all(0.0 <= v <= 1.0 for v in q["eval"][name].values())
     assert q["cache"]["bytes_per_image"] > 0
+    cg = q["contrast_groups"]  # every held-out caption judged within its own contrast group
+    assert cg["queries"] == q["data"]["test_images"]
+    assert 0.0 < cg["chance"] <= 0.5 and all(0.0 <= cg[k] <= 1.0 for k in ("first_stage", "reranked"))
     assert all(v >= 0 for v in q["phases_s"].values())
 
 
