@@ -182,17 +182,15 @@ def _contrast_groups(pipe: Any, table: Path) -> dict[str, Any]:
     ids = [item_id(content_hash(resolve_path(table, p).read_bytes())) for p in df["path"]]
     vectors = {r["id"]: np.asarray(r["vector"], dtype=np.float32)
                for r in pipe.store.get(sorted(set(ids)), fields=["id", "vector"])}
-    members: dict[str, list[str]] = {}
+    members: dict[str, dict[str, None]] = {}  # group -> its scene ids, in table order, once each
     for group, i in zip(df["group"], ids):
-        members.setdefault(str(group), [])
-        if i not in members[str(group)]:
-            members[str(group)].append(i)
+        members.setdefault(str(group), {})[i] = None
     captions = [str(c) for c in df["caption"]]
     text = pipe.encoder.encode_text(captions)
     first_ok = rerank_ok = 0
     chance, n = 0.0, 0
     for caption, group, vec in zip(captions, df["group"], text):
-        scene_ids = members[str(group)]
+        scene_ids = list(members[str(group)])
         if len(scene_ids) < 2:
             continue
         cos = np.stack([vectors[i] for i in scene_ids]) @ vec

@@ -661,9 +661,10 @@ class _TrainLoop:
         top = self.val_order[:, :K]  # [q, K] gallery indices
         first = val.sims.gather(1, top)  # [q, K] first-stage cosines
         with torch.no_grad():
-            memory = model.image_memory(feats.image_tokens[val.images[top.unique()]].to(self.device).float())
+            used = top.unique()  # only the candidates' images need a memory
+            memory = model.image_memory(feats.image_tokens[val.images[used]].to(self.device).float())
             slot = torch.full((len(val.images),), -1, dtype=torch.long)
-            slot[top.unique()] = torch.arange(memory.shape[0])
+            slot[used] = torch.arange(memory.shape[0])
             per = max(1, EVAL_PAIRS // K)
             heads = []
             for s in range(0, len(val.queries), per):
