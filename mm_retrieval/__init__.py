@@ -10,8 +10,8 @@ The Python API mirrors the CLI::
 
 import os
 
-# Milvus Lite serves gRPC in-process; image decoding workers fork from it. gRPC core then prints
-# an informational line per fork ("skipping fork() handlers"): keep stderr for what matters.
+# Milvus Lite serves gRPC in-process; keep gRPC core's informational lines off stderr (decoding
+# workers are spawned, not forked: see mm_retrieval.workers).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.1.0"

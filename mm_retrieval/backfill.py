@@ -1,49 +1,55 @@
 """Backfill a collection's token cache: items indexed before the cache existed (or with
-``--no-tokens``), or a reranker trained after indexing.
+``--no-tokens``), or a reranker trained (or chosen) after indexing.
 
 A reranker's memory is derived from cached raw patch tokens when they exist (no image decoding);
-only items with neither are read from disk and encoded again.
+only items with neither are read from disk and encoded again. A reranker with its own image side
+(BLIP: its tokens cannot be derived from the first-stage encoder's) always reads the images.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-
-from .stages.base import encode_files
+from .progress import progress_bar
+from .stages.base import Encoder, ImageSide, Store, encode_files
+from .tokencache import caches_in, open_existing, open_raw_cache
 from .types import Failure
 
+if TYPE_CHECKING:
+    from .tokencache import TokenWriter
 
-def build_token_cache(pipeline: Any, *, progress: bool | None = None) -> dict[str, Any]:
-    """Fill the cache the pipeline's index runs write to; returns what it did."""
-    from .pipeline import _progress
 
-    store, encoder = pipeline.store, pipeline.encoder
+def build_token_cache(encoder: Encoder, store: Store, writer: TokenWriter, *, image_side: ImageSide | None = None,
+                      progress: bool | None = None) -> dict[str, Any]:
+    """Write tokens through ``writer`` (see :meth:`Pipeline.token_writer`) for every image item
+    of ``store``'s collection its cache lacks; ``image_side``: the reranker's own image encoder
+    (:meth:`Pipeline.image_side`), whose tokens ``writer`` takes instead of the encoder's.
+    Returns what it did."""
     store.require()
     encoder.warm_up()
     store.check_compatible(encoder.info())
-    writer = pipeline.token_writer()
     cache = writer.cache
     have = set(cache.ids())
-    rows = [r for r in store.iter_rows(("id", "path")) if r["id"] not in have]
+    rows = [r for r in store.iter_rows(("id", "path")) if r["id"] not in have and r["path"]]  # text-only items have no image
     from_raw = 0
-    reranker = pipeline.reranker
-    if rows and reranker is not None and hasattr(reranker, "raw_cache"):
-        raw = reranker.raw_cache()
-        found = raw.get([r["id"] for r in rows]) if raw is not None else {}
-        for start in range(0, len(found), 256):
-            keys = list(found)[start : start + 256]
-            for k in keys:
+    raw = open_raw_cache(store.cache_dir(), encoder.fingerprint) if rows and image_side is None else None
+    if raw is not None and raw.path != cache.path:  # a reranker's memory, derived from raw tokens
+        found = raw.get([r["id"] for r in rows])
+        keys = list(found)
+        for start in range(0, len(keys), 256):
+            for k in keys[start : start + 256]:
                 writer.add(k, found[k])
             writer.commit()
+        raw.close()
         from_raw = len(found)
         rows = [r for r in rows if r["id"] not in found]
 
     failed: list[Failure] = []
     encoded = 0
-    bar = _progress(len(rows), progress)
+    bar = progress_bar(len(rows), progress)
     try:
-        for items, _, tokens in encode_files(encoder, [r["path"] for r in rows], with_tokens=True):
+        paths = [r["path"] for r in rows]
+        for items, _, tokens in encode_files(encoder, paths, with_tokens=image_side is None, image_side=image_side):
             j = 0
             for it in items:
                 if it.error is not None:
@@ -70,15 +76,16 @@ def build_token_cache(pipeline: Any, *, progress: bool | None = None) -> dict[st
     }
 
 
-def cache_info(pipeline: Any) -> list[dict[str, Any]]:
-    """Every token cache of the collection: fingerprint, items, bytes per item, file size."""
-    from .tokencache import caches_in, open_existing
-
+def cache_info(store: Store) -> list[dict[str, Any]]:
+    """Every token cache of ``store``'s collection: fingerprint, items, bytes per item, file size."""
     out = []
-    for path in caches_in(pipeline.store.cache_dir()):
+    for path in caches_in(store.cache_dir()):
         c = open_existing(path)
-        out.append({"path": str(path), "fingerprint": c.fingerprint, "items": len(c), "bytes_per_item": c.bytes_per_item,
-                    "shape": list(c.shape) if c.shape else None, "file_bytes": c.file_bytes()})
+        doc = {"path": str(path), "fingerprint": c.fingerprint, "items": len(c), "bytes_per_item": c.bytes_per_item,
+               "shape": list(c.shape) if c.shape else None, "file_bytes": c.file_bytes()}
+        if c.info is not None:  # what the writer said the arrays hold (e.g. BLIP: real tokens/width, storage)
+            doc["info"] = c.info
+        out.append(doc)
         c.close()
     return out
 

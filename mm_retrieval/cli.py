@@ -16,8 +16,15 @@ from typing import Any, Callable
 import click
 
 from .errors import MMRError
+from .training.encoder import DEFAULTS as ENCODER_TRAIN
+from .training.reranker.config import DEFAULTS as RERANKER_TRAIN, OBJECTIVES as RERANKER_OBJECTIVES
 
 log = logging.getLogger("mm_retrieval")
+
+
+# What --rerank takes, everywhere (the pipeline picks the stage: mm_retrieval.pipeline.reranker_spec).
+RERANKER_REF = ("a checkpoint dir from train-reranker, or a BLIP image-text retrieval model: a hub name such as "
+                "Salesforce/blip-itm-base-coco (downloaded once; offline: a dir saved from one)")
 
 
 def _echo(text: str = "") -> None:
@@ -80,7 +87,7 @@ def cli(verbose: int) -> None:
 @click.option("--batch-size", type=int, help="Images per forward pass (default 64).")
 @click.option("--workers", type=int, help="Decoding processes (default 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Cache this reranker's image memory (small) rather than raw tokens.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"Cache what this reranker reads for each image (its memory, or BLIP's vision tokens) rather than raw tokens; {RERANKER_REF}.")
 @click.option("--text-columns", help="Comma-separated table columns whose text gets a text vector (default: caption).")
 @click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
@@ -130,12 +137,14 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
     if dry_run:
         plan = report.plan or {}
         _echo(f"would add {len(plan['add'])}, re-check {len(plan['check'])} (changed size/mtime/metadata), "
-              f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged")
+              f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged, {report.skipped} unreadable")
         for key, label in (("add", "+"), ("check", "~"), ("remove", "-")):
             for p in plan[key][:20]:
                 _echo(f"  {label} {p}")
             if len(plan[key]) > 20:
                 _echo(f"  {label} ... and {len(plan[key]) - 20} more")
+        for f in report.failed[:50]:
+            _echo(f"  ! {f.path}: {f.error}")
         return
     _echo(f"indexed {report.indexed}, replaced {report.replaced}, moved {report.moved}, removed {report.removed}, "
           f"unchanged {report.unchanged}, skipped {report.skipped} in {report.seconds:.1f}s")
@@ -147,11 +156,13 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
 @click.argument("query", required=False)
 @common_options
 @click.option("--image", "image", help="Search by this image instead (a file or an http(s) URL): similar images, or with --mode text the captions that fit it.")
-@click.option("--mode", type=click.Choice(["auto", "image", "text", "hybrid"]), help="Search image vectors, text vectors, or both fused by Milvus (default auto: hybrid when the collection has text vectors).")
+@click.option("--mode", type=click.Choice(["auto", "image", "text", "hybrid"]),
+              help="Search image vectors, text vectors, or both fused by Milvus. Default auto: a text query searches both (hybrid) "
+                   "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images).")
 @click.option("--k", type=int, help="Number of hits (default 10).")
 @click.option("--candidates", type=int, help="First-stage candidates the reranker rescores (default 100).")
 @click.option("--filter", "filter_", default="", help='Milvus filter expression, e.g. \'metadata["year"] >= 2020\'.')
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (from train-reranker).")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"Rerank with this reranker ({RERANKER_REF}); an error where it can't apply (image queries, --mode text).")
 @click.option("--no-rerank", is_flag=True, help="First stage only, even if the config names a reranker.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as one JSON document on stdout.")
 def search(query: str | None, image: str | None, mode: str | None, k: int | None, candidates: int | None, filter_: str,
@@ -159,17 +170,19 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
     """Search for QUERY (text), or for --image PATH_OR_URL.
 
     Text queries find images (and, in text/hybrid mode, items by their captions); the reranker
-    rescores the candidates when the query is text and the candidates are images.
+    (--rerank DIR, or the config's) rescores the candidates when the query is text and the
+    candidates are images (image and hybrid modes). Image queries find similar images.
     """
     from .errors import InputError
-    from .pipeline import validate_query
+    from .query import validate_query
 
     if (query is None) == (image is None):
         raise InputError("give a text QUERY or --image PATH_OR_URL (exactly one)")
     if query is not None:
         validate_query(query)  # fail before loading any model
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=False if no_rerank else None)
+    rerank = False if no_rerank else (True if rerank_path is not None else None)  # --rerank DIR asks for reranking
+    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=rerank)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -209,13 +222,17 @@ def demo(workdir: str, model: str | None, pretrained: str | None, quick: bool, a
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory; use it later as --model DIR.")
 @click.option("--model", default="mmr-tiny", show_default=True, help="open_clip architecture name or a model-config JSON file.")
 @click.option("--pretrained", help="Start from these weights (tag or checkpoint file); default: from scratch.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule with warmup).")
+@click.option("--epochs", type=int, default=ENCODER_TRAIN.epochs, show_default=True,
+              help="Passes over the table; a checkpoint is saved after each, so --resume can continue.")
+@click.option("--batch-size", type=int, default=ENCODER_TRAIN.batch_size, show_default=True,
+              help="Pairs per step, each the others' negatives (capped at the table's usable rows).")
+@click.option("--lr", type=float, default=ENCODER_TRAIN.lr, show_default=True,
+              help="Peak learning rate (cosine schedule with warmup); fine-tuning pretrained weights wants ~1e-5.")
 @click.option("--image-size", type=int, help="Override the architecture's input size.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Data-loading processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=ENCODER_TRAIN.workers, show_default=True, help="Data-loading processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where training runs (auto: CUDA when available, with mixed precision).")
+@click.option("--seed", type=int, default=ENCODER_TRAIN.seed, show_default=True, help="Seeds the initial weights and the order of the data.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
 def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | None, epochs: int, batch_size: int, lr: float,
@@ -243,37 +260,40 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.argument("table", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint directory; use it as --rerank DIR.")
 @common_options
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Captions per step (each with its negatives).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--negatives", type=int, default=15, show_default=True, help="Hard negatives per caption, from the first stage's top ranks.")
-@click.option("--hard-pool", type=int, default=32, show_default=True, help="How deep in the first stage's ranking negatives are drawn.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--split-by", default="group", show_default=True,
+@click.option("--epochs", type=int, default=RERANKER_TRAIN.epochs, show_default=True, help="At most; early stopping usually ends sooner.")
+@click.option("--batch-size", type=int, default=RERANKER_TRAIN.batch_size, show_default=True, help="Captions per step (each with its negatives).")
+@click.option("--lr", type=float, default=RERANKER_TRAIN.lr, show_default=True, help="AdamW learning rate (after a short warm-up).")
+@click.option("--weight-decay", type=float, default=RERANKER_TRAIN.weight_decay, show_default=True, help="On matrices only: pulls the head toward the first stage.")
+@click.option("--negatives", type=int, default=RERANKER_TRAIN.negatives, show_default=True, help="Hard negatives per caption, from the first stage's top ranks.")
+@click.option("--hard-pool", type=int, default=RERANKER_TRAIN.hard_pool, show_default=True, help="How deep in the first stage's ranking negatives are drawn.")
+@click.option("--val-fraction", type=float, default=RERANKER_TRAIN.val_fraction, show_default=True)
+@click.option("--split-by", default=",".join(RERANKER_TRAIN.split_by), show_default=True,
               help="Comma-separated columns: rows sharing a value in any of them stay on one side of the train/val "
                    "split (e.g. group,combination for the compositional set, so val measures unseen combinations).")
-@click.option("--objective", type=click.Choice(["separate", "residual"]), default="separate", show_default=True,
+@click.option("--objective", type=click.Choice(RERANKER_OBJECTIVES), default=RERANKER_TRAIN.objective, show_default=True,
               help="separate: the head learns to rank on its own and the first stage's weight is fitted on val "
                    "(best when the first stage is strong on its training captions); residual: the head learns "
                    "corrections on top of the first stage's scores.")
-@click.option("--patience", type=int, default=6, show_default=True, help="Stop after this many epochs without a better validation R@1.")
+@click.option("--patience", type=int, default=RERANKER_TRAIN.patience, show_default=True, help="Stop after this many epochs without a better validation R@1.")
 @click.option("--width", type=int, help="Reranker width (default 256).")
 @click.option("--depth", type=int, help="Blocks (default 2).")
 @click.option("--heads", type=int, help="Attention heads (default 4).")
 @click.option("--kv-heads", type=int, help="Key/value heads: 1 multi-query, = heads multi-head (default 1).")
 @click.option("--memory-dim", type=int, help="Cached width per image patch (default 128).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=RERANKER_TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
-def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, negatives: int, hard_pool: int,
-                       val_fraction: float, split_by: str, objective: str, patience: int, width: int | None, depth: int | None, heads: int | None,
-                       kv_heads: int | None, memory_dim: int | None, seed: int, resume: bool, as_json: bool, **kwargs: Any) -> None:
+def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, weight_decay: float, negatives: int,
+                       hard_pool: int, val_fraction: float, split_by: str, objective: str, patience: int, width: int | None,
+                       depth: int | None, heads: int | None, kv_heads: int | None, memory_dim: int | None, seed: int,
+                       resume: bool, as_json: bool, **kwargs: Any) -> None:
     """Train the cross-attention reranker on TABLE's image-caption pairs.
 
     The ALBEF/BLIP image-text matching recipe: the dual encoder (--model, else the collection's)
     stays frozen; for each caption, hard negatives come from its top first-stage ranks; a listwise
     loss puts the true image first; a held-out validation split picks the best epoch, and the
-    untrained, first-stage-equivalent reranker is kept if training never beats it.
+    untrained, first-stage-equivalent reranker is kept if training never beats it. The reranker
+    trains on the encoder's device (--device).
     """
     from .config import prune_none
     from .training.reranker import train_reranker
@@ -283,7 +303,8 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
     encoder = pipe.encoder
     encoder.warm_up()
     arch = prune_none({"width": width, "depth": depth, "heads": heads, "kv_heads": kv_heads, "memory_dim": memory_dim})
-    res = train_reranker(table, out_dir, encoder=encoder, reranker_config=arch or None, epochs=epochs, batch_size=batch_size, lr=lr,
+    res = train_reranker(table, out_dir, encoder=encoder, device=pipe.config.encoder.params.get("device", "auto"),
+                         reranker_config=arch or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          negatives=negatives, hard_pool=hard_pool, val_fraction=val_fraction, patience=patience, seed=seed,
                          resume=resume, split_by=tuple(c.strip() for c in split_by.split(",") if c.strip()),
                          objective=objective)
@@ -301,24 +322,23 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
 @click.argument("query")
 @click.argument("image")
 @common_options
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (default: the config's).")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"The reranker to explain ({RERANKER_REF}); default: the config's.")
 @click.option("-o", "--out", "out", default="explain.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--head", type=int, help="Show one attention head instead of the mean over heads.")
+@click.option("--layer", type=int, help="Show one attention layer instead of the mean over layers.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the maps as JSON on stdout.")
-def explain(query: str, image: str, rerank_path: str | None, out: str, head: int | None, as_json: bool, **kwargs: Any) -> None:
+def explain(query: str, image: str, rerank_path: str | None, out: str, head: int | None, layer: int | None, as_json: bool,
+            **kwargs: Any) -> None:
     """Draw the reranker's attention over IMAGE (a file or an indexed id) for QUERY, per query word.
 
     The PNG shows the image, the whole query's attention, and one panel per word: which image
     regions each word looked at when the reranker scored the pair.
     """
-    from .errors import InputError
     from .explain import attention_maps, render_grid
 
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
     ex = attention_maps(pipe, query, image)
-    if head is not None and not 0 <= head < ex.head_maps.shape[0]:
-        raise InputError(f"--head {head}: the reranker has {ex.head_maps.shape[0]} heads (0..{ex.head_maps.shape[0] - 1})")
-    path = render_grid(ex, out, head=head)
+    path = render_grid(ex, out, head=head, layer=layer)
     if as_json:
         _emit_json({**ex.to_dict(), "png": str(path)})
     else:
@@ -328,7 +348,7 @@ def explain(query: str, image: str, rerank_path: str | None, out: str, head: int
 @cli.command("eval")
 @click.argument("table", type=click.Path())
 @common_options
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Also evaluate this reranker checkpoint.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"Also evaluate this reranker ({RERANKER_REF}).")
 @click.option("--candidates", type=int, default=100, show_default=True, help="First-stage candidates the reranker sees.")
 @click.option("--no-index", is_flag=True, help="Don't index TABLE's images first (they must already be in the collection).")
 @click.option("--mode", type=click.Choice(["image", "text", "hybrid"]), default="image", show_default=True, help="Which vectors the first stage searches.")
@@ -342,7 +362,7 @@ def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: boo
     from .evaluation import evaluate
 
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    doc = evaluate(pipe, table, candidates=candidates, rerank=rerank_path is not None or pipe.config.reranker is not None,
+    doc = evaluate(pipe, table, candidates=candidates, rerank=True if rerank_path is not None else None,
                    index=not no_index, mode=mode)
     if as_json:
         _emit_json(doc)
@@ -367,20 +387,22 @@ def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
     from .backfill import cache_info
 
     pipe = _pipeline(_pop_common(kwargs))
-    info = cache_info(pipe)
+    info = cache_info(pipe.store)
     if as_json:
         _emit_json({"collection": pipe.store.name, "items": pipe.store.count(), "caches": info})
         return
     _echo(f"collection {pipe.store.name!r}: {pipe.store.count()} items")
     for c in info:
-        _echo(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {c['shape']}, {c['file_bytes']:,} B on disk")
+        held = c.get("info") or {}
+        shape = f"[{held['tokens']}, {held['width']}] {held['storage']}" if {"tokens", "width", "storage"} <= set(held) else c["shape"]
+        _echo(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {shape}, {c['file_bytes']:,} B on disk")
     if not info:
         _echo("  no token cache (run `mmr cache build`)")
 
 
 @cache.command("build")
 @common_options
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Cache this reranker's image memory (small) instead of raw tokens.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"Build what this reranker reads for each image (its memory, or BLIP's vision tokens) instead of raw tokens; {RERANKER_REF}.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--progress/--no-progress", default=None)
 def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
@@ -388,7 +410,8 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
     from .backfill import build_token_cache
 
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    doc = build_token_cache(pipe, progress=progress)
+    pipe.store.require()  # before a token cache file is created for a collection that isn't there
+    doc = build_token_cache(pipe.encoder, pipe.store, pipe.token_writer(), image_side=pipe.image_side(), progress=progress)
     if as_json:
         _emit_json(doc)
         return
@@ -402,7 +425,7 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
 @common_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 exposes the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
-@click.option("--rerank", "rerank_path", type=click.Path(), help="Reranker checkpoint dir (from train-reranker); without it, scores are the first stage's.")
+@click.option("--rerank", "rerank_path", type=click.Path(), help=f"The reranker ({RERANKER_REF}); without it, scores are the first stage's.")
 @click.option("--api-key", envvar="MMR_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) [env MMR_API_KEY].")
 @click.option("--model-name", help="Model name reported by the vLLM-style endpoints (default: mmr/<checkpoint dir>).")
 @click.option("--max-documents", type=click.IntRange(1), default=1000, show_default=True, help="Documents per rerank request.")
@@ -412,9 +435,11 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
 @click.option("--batch-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a request waits for others to batch with.")
 @click.option("--media-root", "media_roots", multiple=True, type=click.Path(file_okay=False),
               help="The page also shows indexed files whose real path lies under DIR (for folders indexed through symlinks); repeatable.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One stderr line per request: method, path, status, milliseconds (never the key, query string or body).")
 def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, model_name: str | None, max_documents: int,
           max_body_mb: float, max_image_mb: float, max_batch: int, batch_wait_ms: float, media_roots: tuple[str, ...],
-          **kwargs: Any) -> None:
+          access_log: bool, **kwargs: Any) -> None:
     """HTTP API: search, and reranking in the Cohere, TEI and vLLM wire formats; a search page.
 
     \b
@@ -434,12 +459,13 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
     config = ServerConfig(host=host, port=port, api_key=api_key or None, model_name=model_name, max_documents=max_documents,
                           max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
                           max_batch_requests=max_batch, batch_wait_ms=batch_wait_ms, media_roots=tuple(media_roots))
-    run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config)
+    run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config, access_log=access_log)
 
 
 @cli.command()
 @click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["encode", "search", "rerank", "quality", "all"]), help="Which suite(s) to run; repeat the option for several.")
+              type=click.Choice(["encode", "search", "rerank", "blip", "quality", "all"]), help="Which suite(s) to run; repeat the option for several.")
+@click.option("--blip", "blip", metavar="NAME_OR_DIR", help="BLIP checkpoint for the blip suite (hub name in the local Hugging Face cache, or a directory). Default: random BLIP-base-sized weights (timing only; tiny with --quick).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every suite runs (seconds), numbers mean nothing.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep generated images/data here between runs (default: a temporary folder).")
@@ -448,14 +474,15 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
 @click.option("--from", "from_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: merge these saved --out documents (later files win per suite) and report them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout (the summary goes to stderr either way).")
-def bench(suites: tuple[str, ...], device: str, quick: bool, workdir: str | None, out_file: str | None, markdown_file: str | None,
-          from_files: tuple[str, ...], as_json: bool) -> None:
+def bench(suites: tuple[str, ...], blip: str | None, device: str, quick: bool, workdir: str | None, out_file: str | None,
+          markdown_file: str | None, from_files: tuple[str, ...], as_json: bool) -> None:
     """Benchmarks, each figure measured side by side with what it is compared against.
 
     \b
     encode   indexing throughput (files -> Milvus Lite) vs the bare open_clip forward pass
     search   our search stage vs a raw MilvusClient.search; ANN recall@10 vs exact search
     rerank   reranker latency and token-cache bytes vs BLIP image-text matching
+    blip     BLIP reranker: cached tokens vs re-encoding, per storage option; bytes/image
     quality  first stage vs reranked Recall@K on held-out compositional captions
     """
     from pathlib import Path
@@ -467,7 +494,7 @@ def bench(suites: tuple[str, ...], device: str, quick: bool, workdir: str | None
         doc = merge([json.loads(Path(f).read_text()) for f in from_files])
     else:
         chosen = SUITES if "all" in suites else tuple(dict.fromkeys(suites))
-        doc = run_benchmarks(chosen, device=device, quick=quick, workdir=workdir)
+        doc = run_benchmarks(chosen, device=device, quick=quick, workdir=workdir, blip=blip)
     if out_file:
         Path(out_file).parent.mkdir(parents=True, exist_ok=True)
         Path(out_file).write_text(json.dumps(doc, indent=2) + "\n")

@@ -41,7 +41,8 @@ from .errors import ConfigError
 C = TypeVar("C")
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline file is a few hundred bytes
-DEFAULT_STAGE_NAMES = {"source": "auto", "encoder": "open_clip", "store": "milvus", "reranker": "cross_attention"}
+# the stage a pipeline file's section gets when it names none
+DEFAULT_STAGE_NAMES = {"encoder": "open_clip", "store": "milvus", "reranker": "cross_attention"}
 
 
 def prune_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -98,12 +99,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def merge(config: C, overrides: dict[str, Any] | None, *, where: str = "") -> C:
-    """A copy of ``config`` with the non-None ``overrides`` applied (validated)."""
-    merged = {**config_to_dict(config), **prune_none(overrides or {})}
-    return config_from_dict(type(config), merged, where=where)
-
-
 def _check_stage_params(spec: "StageSpec", *, where: str) -> None:
     """Unknown keys and wrong types in a stage's section of a pipeline file, reported against the
     file at load time (the stage itself is created later, when the file name is long gone)."""
@@ -144,7 +139,7 @@ class SearchConfig:
     k: int = 10
     candidates: int = 100  # the reranker sees this many first-stage hits
     rerank: bool = True  # use the [reranker] stage when one is configured
-    mode: str = "auto"  # image | text | hybrid | auto (hybrid when the collection has text vectors)
+    mode: str = "auto"  # image | text | hybrid | auto (text queries: hybrid when the collection has text vectors, else image; image queries: image)
     hybrid_ranker: str = "rrf"  # Milvus' RRFRanker, or "weighted" (WeightedRanker with hybrid_weights)
     hybrid_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])  # image, text
     rrf_k: int = 60  # RRF's smoothing constant (Milvus' default)

@@ -4,6 +4,8 @@ Every file is read once: its bytes give the content id (so re-indexing is idempo
 moved file keeps its id) and, unless the id is already indexed, are decoded and preprocessed.
 Anything that goes wrong becomes a reason string on the item, never an exception that would
 stop the run.
+
+The worker processes themselves are :mod:`mm_retrieval.workers`'.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from . import failpoints
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -159,6 +163,7 @@ class ImageFileDataset:
         self.known_ids = known_ids
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
+        self.run_pid = os.getpid()  # the run this dataset decodes for, also inside a worker
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -179,6 +184,7 @@ class ImageFileDataset:
         if item.id in self.known_ids:
             item.known = True
             return item
+        failpoints.hit("decoding", pid=self.run_pid)  # tests: the run dies while this file decodes
         try:
             image = decode_image(data, max_pixels=self.max_pixels)
             item.pixels = self.transform(image)
@@ -190,12 +196,29 @@ class ImageFileDataset:
         return item
 
 
+class Transforms:
+    """Several models' preprocessing of one decoded image: ``__call__`` returns a tuple, one
+    tensor per transform (e.g. the first-stage encoder's and a reranker's own image side, which
+    then share one decode). Picklable when each transform is: it runs in the decoding workers."""
+
+    def __init__(self, *transforms: Callable[[Any], Any]):
+        self.transforms = transforms
+
+    def __call__(self, image: Any) -> tuple[Any, ...]:
+        return tuple(t(image) for t in self.transforms)
+
+
 def collate_items(items: list[DecodedItem]) -> tuple[list[DecodedItem], Any]:
-    """Keep every item (for reporting) and stack the pixels of decoded ones."""
+    """Keep every item (for reporting) and stack the pixels of decoded ones: one tensor [n, ...],
+    or with :class:`Transforms` a tuple of them (member-wise)."""
     import torch
 
     ok = [it.pixels for it in items if it.pixels is not None]
-    pixels = torch.stack(ok) if ok else None
+    if ok and isinstance(ok[0], tuple):
+        pixels = tuple(torch.stack(part) for part in zip(*ok))
+    else:
+        pixels = torch.stack(ok) if ok else None
     for it in items:
         it.pixels = None  # the stacked tensor carries them; don't ship twice
     return items, pixels
+

@@ -58,7 +58,9 @@ class ModelLoadError(MMRError):
 
 
 class StageError(MMRError):
-    """A stage failed while running; carries the stage's ``kind/name``."""
+    """A stage raised something other than an :class:`MMRError` in ``warm_up`` or in one of its
+    role's methods (see :mod:`mm_retrieval.stages.base`). ``stage`` is its ``kind/name``; the
+    original exception is the ``__cause__``."""
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"[{stage}] {message}")

@@ -16,7 +16,9 @@ import numpy as np
 
 from .decode import content_hash, item_id
 from .errors import InputError
-from .stages.fusion import rerank_hits
+from .query import Query, encode_queries, validate_query
+from .search import first_stage, plan_search, resolve_mode
+from .search import rerank as rerank_hits
 from .tables import read_table, resolve_path
 
 log = logging.getLogger(__name__)
@@ -53,44 +55,57 @@ def recall(ranked: list[list[str]], relevant: list[set[str]], ks=KS) -> dict[str
     return {f"R@{k}": round(sum(bool(rel.intersection(r[:k])) for r, rel in zip(ranked, relevant)) / n, 4) for k in ks}
 
 
-def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank: bool = True, index: bool = True,
+def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank: bool | None = None, index: bool = True,
              progress: bool | None = None, batch: int = 64, mode: str = "image") -> dict[str, Any]:
-    """The ``mmr eval --json`` document. ``rerank`` needs a reranker in the pipeline; it applies
-    in image and hybrid modes (text queries, image candidates)."""
+    """The ``mmr eval --json`` document. Each caption is searched the way ``mmr search`` does it
+    (:mod:`mm_retrieval.search`; the captions are encoded ``batch`` at a time): recall of the first
+    stage's top 10, and of the reranked top ``candidates``. ``rerank``: None reranks when the
+    pipeline has a reranker and ``mode`` allows it (image, hybrid); True insists (InputError
+    naming why it can't); False never reranks."""
     t0 = time.perf_counter()
     if index:
         pipeline.index(table, progress=progress)
     queries = load_queries(table)
-    captions = list(queries)
+    captions = _usable(queries)
     relevant = [queries[c] for c in captions]
-    store, encoder = pipeline.store, pipeline.encoder
-    store.require()
-    encoder.warm_up()
-    store.check_compatible(encoder.info())
-    mode = pipeline._resolve_mode(mode)
-    depth = max(candidates, max(KS))
-    reranker = pipeline.reranker if rerank and mode in ("image", "hybrid") else None
-    opts = pipeline.config.search
+    plan = plan_search(pipeline.config.search, kind="text", has_reranker=pipeline.config.reranker is not None, mode=mode,
+                       k=max(KS), candidates=candidates, rerank=rerank)
+    store, encoder, facts = pipeline.store, pipeline.encoder, pipeline.collection_facts
+    facts.check(encoder)
+    mode = resolve_mode(plan, facts)
+    reranker = pipeline.reranker if plan.rerank else None
+    if reranker is not None:
+        reranker.warm_up()
     first: list[list[Any]] = []
+    reranked: list[list[Any]] = []
     for s in range(0, len(captions), batch):
-        vecs = encoder.encode_text(captions[s : s + batch])
-        if mode == "hybrid":
-            first.extend(store.hybrid_search(v, depth, ranker=opts.hybrid_ranker, weights=tuple(opts.hybrid_weights),
-                                             rrf_k=opts.rrf_k, images_only=reranker is not None) for v in vecs)
-        else:
-            first.extend(store.search(vecs, depth, mode=mode))
-    doc: dict[str, Any] = {
+        batch_queries = [Query(c, encoder) for c in captions[s : s + batch]]
+        encode_queries(batch_queries)  # one forward per batch: embeddings and the token features a reranker reads
+        hits = first_stage(store, plan, mode, np.stack([q.embedding() for q in batch_queries]))
+        first.extend(hits)
+        if reranker is not None:  # the reranker sees the top `candidates`, as in mmr search
+            reranked.extend(rerank_hits(plan, mode, reranker, q, h[:candidates]) for q, h in zip(batch_queries, hits))
+    return {
         "n_queries": len(captions),
         "gallery": store.count(),
         "mode": mode,
         "first_stage": recall([[h.id for h in hits] for hits in first], relevant),
         "candidates": candidates,
+        "reranked": recall([[h.id for h in hits] for hits in reranked], relevant) if reranker is not None else None,
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    if reranker is not None:
-        reranked = [rerank_hits(reranker, c, hits[:candidates], max(KS), mode=mode, search=opts)
-                    for c, hits in zip(captions, first)]
-        doc["reranked"] = recall([[h.id for h in hits] for hits in reranked], relevant)
-    else:
-        doc["reranked"] = None
-    doc["seconds"] = round(time.perf_counter() - t0, 2)
-    return doc
+
+
+def _usable(queries: dict[str, set[str]]) -> list[str]:
+    """The captions that are usable queries (a caption over the query length limit is skipped)."""
+    usable = []
+    for caption in queries:
+        try:
+            validate_query(caption)
+        except InputError as e:
+            log.warning("eval: skipping caption %r: %s", caption[:60], e)
+            continue
+        usable.append(caption)
+    if not usable:
+        raise InputError("no caption of the table is a usable query")
+    return usable

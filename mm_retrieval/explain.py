@@ -1,9 +1,10 @@
-"""See why: the reranker's attention over an image, per query word, as heatmaps.
+"""See why: a reranker's attention over an image, per query word, as heatmaps.
 
-:func:`attention_maps` scores one (query, image) pair with the reranker and returns its
-cross-attention (text token -> image patch) grouped by query word, per head and averaged over
-heads and layers. :func:`render_grid` draws them over the image as a PNG grid (``mmr explain``);
-the web page draws the same maps.
+:func:`attention_maps` asks the pipeline's reranker (any with ``can_explain``) what it attended to
+when it scored one (query, image) pair: an :class:`~mm_retrieval.types.AttentionMaps`, one map
+over the image's patch grid per layer, head and query word. :class:`Explanation` selects from
+them (one layer or the mean over layers, one head or the mean over heads); :func:`render_grid`
+draws them over the image as a PNG grid (``mmr explain``); the web page draws the same maps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .types import AttentionMaps
 
 # A perceptual dark-to-bright ramp (inferno-like): low attention dark, high attention bright.
 _RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]], float)
@@ -22,82 +24,91 @@ _RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 
 
 @dataclass
 class Explanation:
-    """Attention of one query over one image."""
+    """A reranker's attention of one query over one image."""
 
     query: str
-    words: list[str]  # query words, in order
-    maps: np.ndarray  # [words, gh, gw]: averaged over heads and layers, each sums to 1
-    head_maps: np.ndarray  # [heads, words, gh, gw]: averaged over layers
-    score: float  # the reranker's score for this pair
-    retrieval_score: float  # the first stage's cosine
+    attention: AttentionMaps  # maps [layers, heads, words, gh, gw]
     image: Any  # the PIL image (EXIF-rotated, RGB)
     image_id: str | None = None
+
+    @property
+    def words(self) -> list[str]:
+        return self.attention.words
+
+    @property
+    def score(self) -> float:
+        """The reranker's score for this pair."""
+        return self.attention.score
+
+    @property
+    def retrieval_score(self) -> float:
+        """The first stage's similarity of this pair."""
+        return self.attention.retrieval_score
+
+    @property
+    def layers(self) -> int:
+        return int(self.attention.maps.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.attention.maps.shape[1])
+
+    def grid(self, *, layer: int | None = None, head: int | None = None) -> np.ndarray:
+        """[words, gh, gw]: one layer's maps (``layer``) or their mean over layers, of one head
+        (``head``) or the mean over heads."""
+        maps = np.asarray(self.attention.maps)
+        for name, value, n in (("layer", layer, self.layers), ("head", head, self.heads)):
+            if value is not None and not 0 <= value < n:
+                raise InputError(f"--{name} {value}: the reranker has {n} {name}s (0..{n - 1})")
+        maps = maps.mean(0) if layer is None else maps[layer]
+        return maps.mean(0) if head is None else maps[head]
+
+    @property
+    def maps(self) -> np.ndarray:
+        """[words, gh, gw] averaged over layers and heads; each sums to 1."""
+        return self.grid()
+
+    @property
+    def head_maps(self) -> np.ndarray:
+        """[heads, words, gh, gw] averaged over layers."""
+        return np.asarray(self.attention.maps).mean(0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "query": self.query, "words": self.words, "score": self.score, "retrieval_score": self.retrieval_score,
-            "id": self.image_id, "grid": list(self.maps.shape[1:]),
+            "id": self.image_id, "grid": list(self.maps.shape[1:]), "layers": self.layers, "heads": self.heads,
             "maps": np.round(self.maps, 5).tolist(), "head_maps": np.round(self.head_maps, 5).tolist(),
         }
 
 
-def word_spans(tokenizer: Any, query: str, n_tokens: int) -> list[tuple[str, list[int]]]:
-    """Group token positions (1..n_tokens, after the start token) by query word. Falls back to
-    one entry per token when the tokenizer can't encode words one at a time."""
-    words = query.split()
-    if hasattr(tokenizer, "encode"):
-        spans, pos = [], 1
-        for w in words:
-            n = len(tokenizer.encode(w))
-            if n:
-                spans.append((w, list(range(pos, pos + n))))
-                pos += n
-        if spans and spans[-1][1][-1] <= n_tokens:
-            return spans
-    return [(f"token {i}", [i]) for i in range(1, n_tokens + 1)]
-
-
 def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
-    """Explain the reranker's score of ``image`` (an indexed id or an image file) for ``query``."""
-    import torch
-
+    """Explain the pipeline reranker's score of ``image`` (an indexed id or an image file) for
+    ``query``. An indexed image is scored from what search uses (its stored vector and cached
+    tokens); any other image file is encoded on the fly."""
     from .decode import DecodeError, decode_image
-    from .pipeline import read_image_query, validate_query
+    from .search import encode_text, read_image_query, stored_vector
     from .types import Hit
 
-    q = validate_query(query)
     reranker = pipeline.reranker
-    if reranker is None or not hasattr(reranker, "score_with_attention"):
-        raise ConfigError("explaining needs the cross-attention reranker: pass --rerank DIR (from `mmr train-reranker`)")
+    if reranker is None:
+        raise ConfigError("explaining needs a reranker: pass --rerank DIR (from `mmr train-reranker`) or "
+                          "--rerank Salesforce/blip-itm-base-coco (BLIP)")
+    if not reranker.can_explain:
+        raise ConfigError(f"{reranker.label} cannot show what it attended to; explain with a reranker that can "
+                          "(the cross_attention one: --rerank DIR from `mmr train-reranker`; BLIP: --rerank Salesforce/blip-itm-base-coco)")
     reranker.warm_up()
-    encoder = pipeline.encoder
+    q = encode_text(query, pipeline.encoder, reranker)
     image_id, path = _locate(pipeline, str(image))
     try:
         pil = decode_image(read_image_query(path)).convert("RGB")
     except DecodeError as e:
         raise InputError(f"{path} is not a usable image: {e}") from e
-    emb, tokens = encoder.encode_pixels(encoder.image_transform(pil).unsqueeze(0), with_tokens=True)
-    cosine = float(emb[0] @ encoder.encode_text([q])[0])
-    if image_id is not None:  # indexed: use its cached memory, exactly what search uses
-        hit = Hit(id=image_id, path=path, score=cosine, retrieval_score=cosine)
-        scores, maps, mask = reranker.score_with_attention(q, [hit])
-    else:  # not indexed: the same computation from freshly encoded tokens
-        memory = torch.from_numpy(reranker.project(tokens)).to(reranker.device)
-        _, text_tokens, mask = encoder.encode_text_tokens([q])
-        with torch.inference_mode():
-            logits, layer_maps = reranker.model(text_tokens.to(reranker.device), mask.to(reranker.device), memory,
-                                                torch.tensor([cosine], device=reranker.device), return_attention=True)
-        scores, maps, mask = logits[0].float().cpu().numpy(), [m[0].float().cpu() for m in layer_maps], mask[0].cpu()
-    att = torch.stack([m[0] for m in maps]).mean(0).numpy()  # [H, L, P], averaged over layers
-    P = att.shape[-1]
-    g = int(round(P ** 0.5))
-    if g * g != P:
-        raise ConfigError(f"cannot lay {P} patch tokens out as a square grid")
-    n_tokens = int(mask.sum()) - 2  # without start and end tokens
-    spans = word_spans(encoder.tokenizer, q, n_tokens)
-    head_maps = np.stack([att[:, idx, :].mean(1) for _, idx in spans], axis=1).reshape(att.shape[0], len(spans), g, g)
-    return Explanation(query=q, words=[w for w, _ in spans], maps=head_maps.mean(0), head_maps=head_maps,
-                       score=float(scores[0]), retrieval_score=cosine, image=pil, image_id=image_id)
+    if image_id is not None:  # indexed: exactly what search scores
+        cosine = float(stored_vector(pipeline.store, image_id) @ q.embedding())
+        att = reranker.attention_maps(q, Hit(id=image_id, path=path, score=cosine, retrieval_score=cosine))
+    else:
+        att = reranker.attention_maps(q, Hit(id="", path=path, score=0.0, retrieval_score=0.0), image=pil)
+    return Explanation(query=q.text, attention=att, image=pil, image_id=image_id)
 
 
 def _locate(pipeline: Any, ref: str) -> tuple[str | None, str]:
@@ -137,12 +148,14 @@ def overlay(image: Any, heat: np.ndarray, size: int = 224, alpha: float = 0.55) 
     return Image.blend(base, hm, alpha)
 
 
-def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int | None = None) -> Path:
+def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int | None = None,
+                layer: int | None = None) -> Path:
     """Write a PNG: the image, the whole query's attention, then one panel per query word
-    (``head``: one attention head instead of the mean over heads)."""
+    (``head``: one attention head instead of the mean over heads; ``layer``: one layer instead
+    of the mean over layers)."""
     from PIL import Image, ImageDraw
 
-    maps = ex.maps if head is None else ex.head_maps[head]
+    maps = ex.grid(layer=layer, head=head)
     panels = [("image", ex.image.convert("RGB").resize((size, size), Image.BICUBIC)),
               ("whole query", overlay(ex.image, maps.mean(0), size))]
     panels += [(w, overlay(ex.image, m, size)) for w, m in zip(ex.words, maps)]
@@ -151,7 +164,7 @@ def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int 
     label_h, top = 18, 26
     grid = Image.new("RGB", (cols * size, top + rows * (size + label_h)), "white")
     draw = ImageDraw.Draw(grid)
-    which = "mean over heads" if head is None else f"head {head}"
+    which = ("mean over heads" if head is None else f"head {head}") + (", mean over layers" if layer is None else f", layer {layer}")
     draw.text((6, 6), f"{ex.query!r}  reranker {ex.score:.3f}  first stage {ex.retrieval_score:.3f}  ({which})", fill="black")
     for i, (label, panel) in enumerate(panels):
         x, y = (i % cols) * size, top + (i // cols) * (size + label_h)

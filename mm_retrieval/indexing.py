@@ -10,61 +10,30 @@ Every write is ordered so that a kill at any moment leaves a consistent collecti
    never duplicates anything.
 
 One index run per collection at a time: a lock file next to the collection's token caches makes a
-second run fail at once with a message saying who holds it.
+second run fail at once with a message saying who holds it (:class:`~mm_retrieval.locks.CollectionLock`).
+Nothing outlives a killed run holding that lock or the database: decoding workers are spawned,
+not forked, and die with the run (:mod:`mm_retrieval.workers`).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import failpoints
-from .errors import InputError
-from .stages.base import Source, encode_files
+from .locks import CollectionLock
+from .progress import progress_bar
+from .stages.base import Encoder, ImageSide, Source, Store, encode_files
 from .types import Failure, IndexReport, Record
 
+if TYPE_CHECKING:
+    from .tokencache import TokenWriter
+
 ROW_FIELDS = ("id", "path", "file_size", "mtime_ns", "caption", "metadata")
-
-
-class CollectionLock:
-    """An exclusive, non-blocking write lock (``flock``: released by the OS if the holder dies)."""
-
-    def __init__(self, directory: Path, collection: str):
-        self.path = directory / "write.lock"
-        self.collection = collection
-        self._fd: int | None = None
-
-    def __enter__(self) -> "CollectionLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise InputError(
-                    f"collection {self.collection!r} is being written by {holder}; wait for that run to finish "
-                    "(a killed run releases the lock by itself) and run this again"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"mmr pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass
@@ -89,10 +58,21 @@ class Plan:
 
 
 class Indexer:
-    """One run over one source for one pipeline (see :meth:`Pipeline.index` / :meth:`Pipeline.sync`)."""
+    """One run over one source into one store (see :meth:`Pipeline.index` / :meth:`Pipeline.sync`).
 
-    def __init__(self, pipeline: Any, *, progress: bool | None = None, on_progress: Callable[[int], None] | None = None):
-        self.pipeline = pipeline
+    ``tokens``: where each new image's patch tokens go (a reranker's memory or the encoder's raw
+    tokens, see :meth:`Pipeline.token_writer`); None writes no tokens. ``image_side``: the
+    reranker's own image encoder (:meth:`Reranker.image_side`, e.g. BLIP's), whose tokens then go
+    to ``tokens`` instead of the encoder's, computed in the same decode batches. ``progress``: a
+    bar on stderr (None: on a terminal); ``on_progress(n)``: called after each batch with its file count.
+    """
+
+    def __init__(self, encoder: Encoder, store: Store, *, tokens: TokenWriter | None = None, image_side: ImageSide | None = None,
+                 progress: bool | None = None, on_progress: Callable[[int], None] | None = None):
+        self.encoder = encoder
+        self.store = store
+        self.tokens = tokens
+        self.image_side = image_side if tokens is not None else None
         self.progress = progress
         self.on_progress = on_progress
 
@@ -100,11 +80,13 @@ class Indexer:
     def _scan(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
         self.ids_by_path: dict[str, set[str]] = defaultdict(set)
-        for row in self.pipeline.store.iter_rows(ROW_FIELDS):
+        for row in self.store.iter_rows(ROW_FIELDS):
             self.rows[row["id"]] = row
             self.ids_by_path[row["path"]].add(row["id"])
 
     def plan(self, src: Source, report: IndexReport, *, remove_missing: bool, scope: Path | None) -> Plan:
+        """Compare the source's records with the collection (read by :meth:`_scan`). Entries the
+        source dropped and listed files that can't be read go to ``report.failed``."""
         plan = Plan()
         listed: dict[str, Record] = {}
         for rec in src.records():
@@ -131,12 +113,18 @@ class Indexer:
                 continue
             listed[path] = rec
             ids = self.ids_by_path.get(path, set())
-            if not ids:
-                plan.add.append(rec)
-            elif len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
+            if len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
                 plan.unchanged += 1
+                continue
+            reason = _unreadable(path)
+            if reason:  # found now, so that a dry run lists it too; an indexed entry stays as it is
+                report.failed.append(Failure(path, reason))
+            elif not ids:
+                plan.add.append(rec)
             else:  # changed, or listed twice after a crash mid-replace
                 plan.check.append(rec)
+        # only now: a source finds its problems while its records are read
+        report.failed[:0] = [Failure(p, e) for p, e in src.problems]
         if remove_missing:
             prefix = str(scope) + os.sep if scope is not None else ""
             plan.remove = {p: ids for p, ids in self.ids_by_path.items() if p not in listed and p.startswith(prefix)}
@@ -144,15 +132,16 @@ class Indexer:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, src: Source, *, remove_missing: bool = False, scope: Path | None = None, dry_run: bool = False) -> IndexReport:
+        """Index ``src``; ``remove_missing``: also remove entries under ``scope`` that it no
+        longer lists (sync); ``dry_run``: change nothing, return the plan in ``report.plan``."""
         t0 = time.perf_counter()
-        pipe = self.pipeline
-        encoder, store = pipe.encoder, pipe.store
+        encoder, store = self.encoder, self.store
         encoder.warm_up()
         if dry_run:
             if store.exists():
                 store.check_compatible(encoder.info())
             self._scan()
-            report = IndexReport(failed=[Failure(p, e) for p, e in src.problems])
+            report = IndexReport()
             report.plan = self.plan(src, report, remove_missing=remove_missing, scope=scope).to_dict()
             report.seconds = time.perf_counter() - t0
             return report
@@ -161,8 +150,6 @@ class Indexer:
             self._scan()
             report = IndexReport()
             plan = self.plan(src, report, remove_missing=remove_missing, scope=scope)
-            report.failed[:0] = [Failure(p, e) for p, e in src.problems]
-            self.tokens = pipe.token_writer()
             self._encode(plan.add + plan.check, report)
             self._encode_texts(plan.texts, report)
             report.unchanged += plan.unchanged
@@ -176,14 +163,13 @@ class Indexer:
         return report
 
     def _encode(self, todo: list[Record], report: IndexReport) -> None:
-        from .pipeline import _progress
-
-        store = self.pipeline.store
+        store = self.store
         seen: set[str] = set()
-        bar = _progress(len(todo), self.progress)
+        bar = progress_bar(len(todo), self.progress)
         try:
             for items, emb, toks in encode_files(
-                self.pipeline.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows), with_tokens=self.tokens is not None
+                self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
+                with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
             ):
                 failpoints.hit("batch_decoded")
                 new_rows, refresh, stale, j = [], [], set(), 0
@@ -231,7 +217,7 @@ class Indexer:
         """Rows whose record has text get that text's embedding from the same encoder."""
         pending = [(r, t) for r in rows if (t := r.pop("_text", None))]
         if pending:
-            vectors = self.pipeline.encoder.encode_text([t for _, t in pending])
+            vectors = self.encoder.encode_text([t for _, t in pending])
             for (r, _), vec in zip(pending, vectors):
                 r["text_vector"] = vec
 
@@ -241,7 +227,7 @@ class Indexer:
 
         import numpy as np
 
-        encoder = self.pipeline.encoder
+        encoder = self.encoder
         for start in range(0, len(records), 256):
             chunk = records[start : start + 256]
             vectors = encoder.encode_text([r.embed_text for r in chunk])
@@ -250,7 +236,7 @@ class Indexer:
                 "path": "", "content_hash": hashlib.sha256(r.embed_text.encode()).hexdigest(), "caption": r.caption or r.embed_text,
                 "metadata": r.metadata, "file_size": 0, "mtime_ns": 0,
             } for r, v in zip(chunk, vectors)]
-            self.pipeline.store.upsert(rows)
+            self.store.upsert(rows)
             for row in rows:
                 self.rows[row["id"]] = row
             report.indexed += len(rows)
@@ -272,7 +258,7 @@ class Indexer:
         refresh.append((item_id, rec))
 
     def _refresh(self, refresh: list[tuple[str, Record]]) -> None:
-        store = self.pipeline.store
+        store = self.store
         stored = {r["id"]: r for r in store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash"])}
         rows = []
         for item_id, rec in refresh:
@@ -289,8 +275,8 @@ class Indexer:
         """Rows first, then their tokens: a row never points to missing tokens."""
         from .tokencache import purge
 
-        self.pipeline.store.delete(ids)
-        purge(self.pipeline.store.cache_dir(), ids)
+        self.store.delete(ids)
+        purge(self.store.cache_dir(), ids)
         for i in ids:
             row = self.rows.pop(i, None)
             if row is not None:
@@ -300,7 +286,7 @@ class Indexer:
         """Tokens whose row never landed (a kill between the two writes) are removed."""
         from .tokencache import caches_in, open_existing
 
-        for path in caches_in(self.pipeline.store.cache_dir()):
+        for path in caches_in(self.store.cache_dir()):
             cache = open_existing(path)
             cache.keep_only(self.rows)
             cache.close()
@@ -313,6 +299,17 @@ def _bad_path(path: str) -> str | None:
         return "file name is not valid UTF-8; rename the file"
     if len(encoded) > 4096:
         return "path longer than 4096 bytes"
+    return None
+
+
+def _unreadable(path: str) -> str | None:
+    """Why a listed file can't be read (worded as decoding words it), or None."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return f"cannot read file: {e.strerror or e}"
+    if not os.access(path, os.R_OK):
+        return "cannot read file: Permission denied"
     return None
 
 

@@ -12,39 +12,24 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import registry
-from .config import PipelineConfig, SearchConfig, StageSpec, config_from_dict, prune_none
-from .errors import InputError
-from .stages.base import Encoder, Reranker, Source, Store
-from .stages.fusion import rerank_hits
+from .config import PipelineConfig, StageSpec, config_to_dict, prune_none
+from .errors import ConfigError, InputError
+from .indexing import Indexer
+from .query import validate_query
+from .search import CollectionFacts, plan_search, query_kind, run_search
+from .stages.base import Encoder, ImageSide, Reranker, Source, Store
 from .tables import TABLE_EXTENSIONS
 from .types import IndexReport, SearchResult
 
+if TYPE_CHECKING:
+    from .tokencache import TokenWriter
+
 log = logging.getLogger(__name__)
-
-MAX_QUERY_CHARS = 2000
-MAX_CANDIDATES = 16384  # Milvus' top-k limit
-
-
-def validate_query(query: Any) -> str:
-    """A usable text query, or InputError saying what is wrong with it."""
-    if not isinstance(query, str):
-        raise InputError(f"query must be text, got {type(query).__name__}")
-    q = query.strip()
-    if not q:
-        raise InputError("the query is empty; give some words to search for, e.g. mmr search \"a red bicycle\"")
-    if len(q) > MAX_QUERY_CHARS:
-        raise InputError(f"the query is {len(q):,} characters long; the limit is {MAX_QUERY_CHARS:,}. Shorten it.")
-    if "\x00" in q:
-        raise InputError("the query contains a NUL character; pass plain text")
-    return q
 
 
 def open_source(source: str | Path | Source, *, text_columns: list[str] | None = None) -> Source:
@@ -67,7 +52,9 @@ class Pipeline:
     """Index and search one collection. Stages are created lazily from the config.
 
     Keyword overrides (``db``, ``collection``, ``model``, ``pretrained``, ``device``, ``token``)
-    take precedence over ``config``; ``None`` means "not given".
+    take precedence over ``config``; ``None`` means "not given". ``encoder``, ``store`` and
+    ``reranker`` are params for the configured stage (a dict; for the reranker also a checkpoint
+    path) or a stage instance, used as it is (its own config then can't be overridden here).
     """
 
     def __init__(
@@ -80,44 +67,54 @@ class Pipeline:
         model: str | None = None,
         pretrained: str | None = None,
         device: str | None = None,
-        encoder: dict[str, Any] | None = None,
-        store: dict[str, Any] | None = None,
-        reranker: str | dict[str, Any] | None = None,
+        encoder: Encoder | dict[str, Any] | None = None,
+        store: Store | dict[str, Any] | None = None,
+        reranker: Reranker | str | dict[str, Any] | None = None,
         cache_tokens: bool = True,
     ):
         if config is None:
             config = PipelineConfig()
         elif not isinstance(config, PipelineConfig):
             config = PipelineConfig.load(config)
-        enc = config.encoder.with_params({**(encoder or {}), **prune_none({"model": model, "pretrained": pretrained, "device": device})})
-        sto = config.store.with_params({**(store or {}), **prune_none({"uri": db, "collection": collection, "token": token})})
-        rer = config.reranker
-        if isinstance(reranker, str):
-            reranker = {"checkpoint": reranker}
-        if reranker:
-            rer = (rer or StageSpec("reranker", "cross_attention")).with_params(reranker)
-        if rer is not None and device is not None:
-            rer = rer.with_params({"device": device})
-        self.config = replace(config, encoder=enc, store=sto, reranker=rer)
-        self.cache_tokens = cache_tokens  # index runs write image tokens for the reranker
+        enc_overrides = prune_none({"model": model, "pretrained": pretrained, "device": device})
+        sto_overrides = prune_none({"uri": db, "collection": collection, "token": token})
         self._encoder: Encoder | None = None
         self._store: Store | None = None
         self._reranker: Reranker | None = None
+        if isinstance(encoder, Encoder):
+            self._encoder, enc = encoder, _instance_spec("encoder", encoder, enc_overrides)
+        else:
+            enc = config.encoder.with_params({**(encoder or {}), **enc_overrides})
+        if isinstance(store, Store):
+            self._store, sto = store, _instance_spec("store", store, sto_overrides)
+        else:
+            sto = config.store.with_params({**(store or {}), **sto_overrides})
+        rer = config.reranker
+        if isinstance(reranker, Reranker):
+            self._reranker, rer = reranker, _instance_spec("reranker", reranker, prune_none({"device": device}))
+        else:
+            if isinstance(reranker, str):
+                rer = reranker_spec(reranker, rer)
+            elif reranker:
+                rer = (rer or reranker_spec(str(reranker.get("checkpoint") or ""))).with_params(reranker)
+            if rer is not None and device is not None:
+                rer = rer.with_params({"device": device})
+        self.config = replace(config, encoder=enc, store=sto, reranker=rer)
+        self.cache_tokens = cache_tokens  # index runs write image tokens for the reranker
+        self._bound = False  # the reranker was given the encoder and store
         self._forget_collection()
 
     def _forget_collection(self) -> None:
         """Forget what searches learnt about the collection once (it exists and fits the encoder,
         its search mode, whether it holds text vectors): after an index or sync run in this
         process, or a closed connection, the next search asks again."""
-        self._checked = False
-        self._auto_mode: str | None = None
-        self._has_text = False
+        self._facts: CollectionFacts | None = None
 
     def close(self) -> None:
-        """Release the store connection (Milvus Lite admits one process at a time)."""
-        if self._store is not None and hasattr(self._store, "close"):
+        """Release the store connection (Milvus Lite admits one process at a time); the next use
+        of :attr:`store` connects again."""
+        if self._store is not None:
             self._store.close()
-        self._store = None
         self._forget_collection()
 
     def __enter__(self) -> "Pipeline":
@@ -129,10 +126,11 @@ class Pipeline:
     # ---- stages ----------------------------------------------------------------------------
     @property
     def store(self) -> Store:
+        """The configured store, connected (again, after :meth:`close`)."""
         if self._store is None:
             spec = self.config.store
             self._store = registry.create("store", spec.name, spec.params)
-            self._store.warm_up()
+        self._store.warm_up()
         return self._store
 
     @property
@@ -142,7 +140,7 @@ class Pipeline:
             spec = self.config.encoder
             params = dict(spec.params)
             if "model" not in params:
-                stored = self.store.encoder_info() if hasattr(self.store, "encoder_info") else None
+                stored = self.store.encoder_info()
                 if stored and stored.get("stage") == spec.name and stored.get("model"):
                     params["model"] = stored["model"]
                     params.setdefault("pretrained", stored.get("pretrained"))
@@ -155,26 +153,38 @@ class Pipeline:
         """The configured reranker (None when the pipeline has none)."""
         if self._reranker is None and self.config.reranker is not None:
             spec = self.config.reranker
-            stage = registry.create("reranker", spec.name, spec.params)
-            if hasattr(stage, "bind"):
-                stage.bind(self)  # gives it the encoder, store and token cache
-            self._reranker = stage
+            self._reranker = registry.create("reranker", spec.name, spec.params)
+        if self._reranker is not None and not self._bound:
+            self._reranker.bind(encoder=self.encoder, store=self.store)
+            self._bound = True
         return self._reranker
 
-    def token_writer(self) -> Any:
+    def image_side(self) -> ImageSide | None:
+        """The reranker's own image encoder that index runs feed :meth:`token_writer` with
+        (:meth:`Reranker.image_side`, e.g. BLIP's vision model), or None: the encoder's patch
+        tokens (also with ``cache_tokens=False`` or no reranker)."""
+        if not self.cache_tokens or self.reranker is None:
+            return None
+        return self.reranker.image_side()
+
+    def token_writer(self) -> TokenWriter | None:
         """Where an index run writes image tokens for reranking: the configured reranker's memory
         (small, keyed by encoder + reranker), else the encoder's raw patch tokens, from which any
-        reranker trained later derives its memory without decoding images again."""
+        reranker trained later derives its memory without decoding images again. None with
+        ``cache_tokens=False``. Refuses an encoder other than the collection's before a cache
+        file is created for it."""
         if not self.cache_tokens:
             return None
+        self.store.check_compatible(self.encoder.info())
         reranker = self.reranker
-        if reranker is not None and hasattr(reranker, "memory_writer"):
+        if reranker is not None:
             reranker.warm_up()
-            return reranker.memory_writer()
-        from .tokencache import TokenCache, TokenWriter
+            writer = reranker.token_writer()
+            if writer is not None:
+                return writer
+        from .tokencache import raw_token_writer
 
-        fp = f"raw-{self.encoder.fingerprint}"
-        return TokenWriter(TokenCache(self.store.cache_dir() / f"tokens-{fp}.sqlite", fp))
+        return raw_token_writer(self.store.cache_dir(), self.encoder.fingerprint)
 
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None,
@@ -182,10 +192,11 @@ class Pipeline:
         """Embed and store every image of a folder or table. Idempotent and crash-safe: ids derive
         from content, so re-running adds nothing, a changed file replaces its old entry, a moved
         file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
-        from .indexing import Indexer
-
+        src = open_source(source, text_columns=text_columns)
         try:
-            return Indexer(self, progress=progress, on_progress=on_progress).run(open_source(source, text_columns=text_columns))
+            indexer = Indexer(self.encoder, self.store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
+                              on_progress=on_progress)
+            return indexer.run(src)
         finally:
             self._forget_collection()
 
@@ -194,18 +205,26 @@ class Pipeline:
         ones, and remove entries (and cached tokens) of files under the source's folder (a
         table's folder, for a table) that are no longer listed. ``dry_run``: only report the
         plan (``report.plan``)."""
-        from .indexing import Indexer
-
         src = open_source(source)
         scope = Path(source).expanduser().resolve()
         if scope.is_file():
             scope = scope.parent
         try:
-            return Indexer(self, progress=progress).run(src, remove_missing=True, scope=scope, dry_run=dry_run)
+            tokens = None if dry_run else self.token_writer()  # a dry run creates no cache file
+            indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress)
+            return indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
         finally:
             self._forget_collection()
 
     # ---- searching -------------------------------------------------------------------------
+    @property
+    def collection_facts(self) -> CollectionFacts:
+        """What searches learnt about the collection (it exists and fits the encoder; whether it
+        holds text vectors), remembered until this pipeline writes to it or closes."""
+        if self._facts is None:
+            self._facts = CollectionFacts(self.store)
+        return self._facts
+
     def search(
         self,
         query: str | None = None,
@@ -217,144 +236,49 @@ class Pipeline:
         candidates: int | None = None,
         filter: str = "",
         rerank: bool | None = None,
+        offset: int = 0,
     ) -> SearchResult:
         """Search by text (``query``) or by image (``image``: a path, URL or bytes; or ``image_id``:
         an indexed item), against image vectors (``mode="image"``), the items' text vectors
-        (``"text"``) or both fused by Milvus (``"hybrid"``); ``"auto"`` (the default) is hybrid when
-        the collection holds text vectors, else image.
+        (``"text"``) or both fused by Milvus (``"hybrid"``). ``"auto"`` (the default): a text
+        query is hybrid when the collection holds text vectors, else image; an image query is
+        image (similar images).
 
-        The reranker (when configured and ``rerank`` is not False) rescores the first stage's
-        ``candidates`` when the query is text and the candidates are images (image and hybrid
-        modes); otherwise the first-stage order is returned (``result.reranked`` says which).
+        ``rerank``: None reranks the first stage's ``candidates`` when a reranker is configured
+        and applies (a text query against images: image and hybrid modes); True asks for it and
+        raises InputError naming why when it can't be done; False never reranks
+        (``result.reranked`` says which). ``offset`` skips that many hits (paging). The flow
+        itself is :mod:`mm_retrieval.search`.
         """
-        given = [x is not None for x in (query, image, image_id)]
-        if sum(given) != 1:
-            raise InputError("give exactly one of a text query, --image PATH_OR_URL, or an image id")
-        q = validate_query(query) if query is not None else None
-        opts = config_from_dict(SearchConfig, {**vars(self.config.search), **prune_none({"k": k, "candidates": candidates, "rerank": rerank, "mode": mode})}, where="search options")
-        if opts.k < 1 or opts.candidates < 1:
-            raise InputError(f"--k and --candidates must be at least 1 (got k={opts.k}, candidates={opts.candidates})")
-        if opts.candidates > MAX_CANDIDATES or opts.k > MAX_CANDIDATES:
-            raise InputError(f"--k and --candidates can be at most {MAX_CANDIDATES}")
-        store = self.store
-        if not self._checked:  # once per pipeline: a round trip per query costs more than ~10% at 10k vectors
-            store.require()  # before loading a model; a collection dropped later fails in the store, same message
-        encoder = self.encoder
-        encoder.warm_up()  # model loading is not part of the query's timings
-        if not self._checked:
-            store.check_compatible(encoder.info())
-            self._checked = True
-        mode = self._resolve_mode(opts.mode)
-        reranker = self.reranker if (opts.rerank and q is not None and mode in ("image", "hybrid")) else None
-        if reranker is not None:
-            reranker.warm_up()
-
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        if q is not None:
-            vec = encoder.encode_text([q])
-        elif image_id is not None:
-            vec = self._stored_vector(image_id)
-        else:
-            vec = encode_image_query(encoder, image)
-        timings["encode"] = (time.perf_counter() - t) * 1000
-        limit = max(opts.candidates, opts.k) if reranker is not None else opts.k
-        t = time.perf_counter()
-        if mode == "hybrid":
-            hits = store.hybrid_search(vec[0], limit, filter, ranker=opts.hybrid_ranker, weights=tuple(opts.hybrid_weights),
-                                       rrf_k=opts.rrf_k, images_only=reranker is not None)
-        else:
-            hits = store.search(vec, limit, filter, mode=mode)[0]
-        timings["search"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        hits = rerank_hits(reranker, q, hits, opts.k, mode=mode, search=opts) if reranker is not None else hits[: opts.k]
-        timings["rerank"] = (time.perf_counter() - t) * 1000
-        timings["total"] = timings["encode"] + timings["search"] + timings["rerank"]
-        label = q if q is not None else (f"image:{image_id}" if image_id is not None else f"image:{_image_label(image)}")
-        return SearchResult(query=label, hits=hits, timings_ms=timings, reranked=reranker is not None, mode=mode)
-
-    def _resolve_mode(self, mode: str) -> str:
-        if mode == "auto":
-            if self._auto_mode is None:
-                has_text = hasattr(self.store, "count_with_text") and self.store.count_with_text() > 0
-                self._auto_mode = "hybrid" if has_text else "image"
-            return self._auto_mode
-        if mode not in ("image", "text", "hybrid"):
-            raise InputError(f"unknown --mode {mode!r}; use auto, image, text or hybrid")
-        if mode in ("text", "hybrid"):
-            # Only "has text" is remembered: a collection that had none may get some from another process.
-            self._has_text = self._has_text or self.store.count_with_text() > 0
-            if not self._has_text:
-                raise InputError(
-                    f"--mode {mode} needs text vectors, and collection {self.store.name!r} has none: index a table with a "
-                    "caption column (or --text-columns), or search with --mode image"
-                )
-        return mode
-
-    def _stored_vector(self, item_id: str) -> np.ndarray:
-        rows = self.store.get([item_id], fields=["id", "vector", "has_image"])
-        if not rows or not rows[0].get("has_image", True):
-            raise InputError(f"no indexed image with id {item_id!r}")
-        return np.asarray([rows[0]["vector"]], dtype=np.float32)
-
-    def search_vectors(self, vectors: np.ndarray, limit: int, filter: str = ""):
-        """The first stage alone, for precomputed query vectors."""
-        return self.store.search(vectors, limit, filter)
+        kind = query_kind(query, image, image_id)
+        text = validate_query(query) if query is not None else None
+        plan = plan_search(self.config.search, kind=kind, has_reranker=self.config.reranker is not None, mode=mode, k=k,
+                           candidates=candidates, offset=offset, filter=filter, rerank=rerank)
+        return run_search(plan, store=self.store, encoder=self.encoder, reranker=self.reranker if plan.rerank else None,
+                          facts=self.collection_facts, text=text, image=image, image_id=image_id)
 
 
-MAX_IMAGE_QUERY_BYTES = 20 * 1024 * 1024
+def reranker_spec(ref: str, configured: StageSpec | None = None) -> StageSpec:
+    """The reranker stage ``--rerank REF`` (``Pipeline(reranker="REF")``) names, the one place a
+    reranker reference picks its stage: ``reranker/blip_itm`` for a BLIP image-text retrieval
+    checkpoint (a hub name such as Salesforce/blip-itm-base-coco, or a directory saved from one:
+    :func:`~mm_retrieval.stages.rerankers.blip_itm.looks_like_blip`, which loads nothing), else
+    ``reranker/cross_attention`` (a directory from `mmr train-reranker`). ``configured`` (the
+    pipeline file's ``[reranker]``) keeps its other params when it is the same stage."""
+    from .stages.rerankers.blip_itm import looks_like_blip
+
+    name = "blip_itm" if ref and looks_like_blip(ref) else "cross_attention"
+    if configured is not None and configured.name == name:
+        return configured.with_params({"checkpoint": ref})
+    return StageSpec("reranker", name, {"checkpoint": ref})
 
 
-def read_image_query(image: str | Path | bytes) -> bytes:
-    """The bytes of an image query: a file, an http(s) URL (bounded), or bytes as given."""
-    if isinstance(image, bytes):
-        data = image
-    elif str(image).startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(str(image), timeout=15) as resp:  # noqa: S310 (http(s) only)
-                data = resp.read(MAX_IMAGE_QUERY_BYTES + 1)
-        except OSError as e:
-            raise InputError(f"cannot fetch the image query {image}: {e}") from e
-    else:
-        p = Path(image).expanduser()
-        if not p.is_file():
-            raise InputError(f"image query not found: {p}")
-        data = p.read_bytes()[: MAX_IMAGE_QUERY_BYTES + 1]
-    if len(data) > MAX_IMAGE_QUERY_BYTES:
-        raise InputError(f"the image query is larger than {MAX_IMAGE_QUERY_BYTES // (1024 * 1024)} MiB")
-    return data
-
-
-def encode_image_query(encoder: Any, image: str | Path | bytes) -> np.ndarray:
-    """[1, D] embedding of an image query (decoded with the same safety limits as indexing)."""
-    from .decode import DecodeError, decode_image
-
-    try:
-        pil = decode_image(read_image_query(image))
-    except DecodeError as e:
-        raise InputError(f"the image query is not a usable image: {e}") from e
-    emb, _ = encoder.encode_pixels(encoder.image_transform(pil).unsqueeze(0))
-    return emb
-
-
-def _image_label(image: Any) -> str:
-    return f"<{len(image)} bytes>" if isinstance(image, bytes) else str(image)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool | None):
-    if enabled is False:
-        return _NoBar()
-    from tqdm import tqdm
-
-    # None: shown on a terminal, hidden in logs and pipes
-    return tqdm(total=total, unit="img", desc="indexing", disable=None if enabled is None else False, dynamic_ncols=True)
+def _instance_spec(kind: str, stage: Any, overrides: dict[str, Any]) -> StageSpec:
+    """The spec a stage instance stands for in :attr:`Pipeline.config`."""
+    if overrides:
+        raise ConfigError(
+            f"{', '.join(sorted(overrides))} can't be combined with {'an' if kind[0] in 'aeiou' else 'a'} {kind} instance "
+            f"({stage.label}); "
+            f"put {'it' if len(overrides) == 1 else 'them'} in that stage's config"
+        )
+    return StageSpec(kind, stage.stage_name, config_to_dict(stage.config))

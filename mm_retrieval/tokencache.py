@@ -7,10 +7,14 @@ by a *fingerprint*: the encoder's for raw patch tokens, the encoder's plus the r
 reranker's projected memory. Opening a cache with another fingerprint is an error, and caches
 of different fingerprints live in different files, so tokens from another model are never used.
 
-Layout, next to the collection::
+Layout, next to the collection (file names are spelled by :func:`cache_path` only)::
 
     <db>.mmr/<collection>/tokens-<fingerprint>.sqlite        Milvus Lite (--db ./mmr.db)
     ~/.cache/mm_retrieval/<host_port>/<collection>/...      a Milvus server (or MMR_CACHE_DIR)
+
+The encoder's raw patch tokens have fingerprint ``raw-<encoder fingerprint>``
+(:func:`raw_cache_path`): any reranker trained later derives its memory from them without
+decoding an image again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from .errors import IncompatibleError, InputError
 
 FORMAT = "mm_retrieval.tokens/1"
+_PREFIX, _SUFFIX = "tokens-", ".sqlite"
 
 
 def cache_root(uri: str, collection: str) -> Path:
@@ -37,6 +42,33 @@ def cache_root(uri: str, collection: str) -> Path:
     base = Path(os.environ.get("MMR_CACHE_DIR") or Path.home() / ".cache" / "mm_retrieval")
     host = re.sub(r"[^A-Za-z0-9_.-]+", "_", uri.split("://", 1)[1]).strip("_")
     return base / host / collection
+
+
+def cache_path(directory: Path, fingerprint: str) -> Path:
+    """The file of the cache with ``fingerprint`` in a collection's cache folder."""
+    return Path(directory) / f"{_PREFIX}{fingerprint}{_SUFFIX}"
+
+
+def raw_fingerprint(encoder_fingerprint: str) -> str:
+    """The fingerprint of an encoder's raw patch-token cache."""
+    return f"raw-{encoder_fingerprint}"
+
+
+def raw_cache_path(directory: Path, encoder_fingerprint: str) -> Path:
+    """Where a collection keeps the raw patch tokens of the encoder with ``encoder_fingerprint``."""
+    return cache_path(directory, raw_fingerprint(encoder_fingerprint))
+
+
+def open_raw_cache(directory: Path, encoder_fingerprint: str) -> "TokenCache | None":
+    """The encoder's raw patch-token cache of a collection, or None when there is none."""
+    path = raw_cache_path(directory, encoder_fingerprint)
+    return TokenCache(path, raw_fingerprint(encoder_fingerprint), create=False) if path.exists() else None
+
+
+def raw_token_writer(directory: Path, encoder_fingerprint: str) -> "TokenWriter":
+    """What an index run writes when no reranker says otherwise: the encoder's raw patch tokens."""
+    fp = raw_fingerprint(encoder_fingerprint)
+    return TokenWriter(TokenCache(cache_path(directory, fp), fp))
 
 
 class TokenCache:
@@ -68,10 +100,15 @@ class TokenCache:
                 "rebuild it with `mmr cache build`"
             )
         self.shape: tuple[int, ...] | None = tuple(json.loads(meta["shape"])) if "shape" in meta else None
+        #: What the arrays hold, as their writer described it (see :meth:`set_info`), or None.
+        self.info: dict | None = json.loads(meta["info"]) if "info" in meta else None
 
-    @classmethod
-    def for_collection(cls, uri: str, collection: str, fingerprint: str, *, create: bool = True) -> "TokenCache":
-        return cls(cache_root(uri, collection) / f"tokens-{fingerprint}.sqlite", fingerprint, create=create)
+    def set_info(self, info: dict) -> None:
+        """Record what the arrays hold (JSON-serialisable; e.g. a reranker's real token shape
+        and storage when it packs other dtypes into the fp16 arrays); ``mmr cache info`` shows it."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('info', ?)", (json.dumps(info),))
+        self.info = dict(info)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -134,17 +171,6 @@ class TokenCache:
                 out[item_id] = np.frombuffer(blob, dtype=np.float16).reshape(self.shape)
         return out
 
-    def stack(self, ids: Sequence[str]) -> np.ndarray:
-        """[len(ids), *shape] fp16; InputError naming how many are missing and the fix."""
-        got = self.get(ids)
-        missing = [i for i in ids if i not in got]
-        if missing:
-            raise InputError(
-                f"{len(missing)} of {len(ids)} items have no cached tokens in {self.path} (e.g. {missing[0]}); "
-                "build them with `mmr cache build` (add --rerank CKPT to cache that reranker's memory)"
-            )
-        return np.stack([got[i] for i in ids]) if ids else np.zeros((0, *(self.shape or ())), np.float16)
-
     def ids(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT id FROM tokens")]
 
@@ -167,9 +193,8 @@ class TokenCache:
 
 
 class TokenWriter:
-    """What an index run writes tokens through: buffers arrays, optionally maps them (e.g. raw
-    patch tokens -> a reranker's memory) in batches, and removes ids from every cache of the
-    collection when their entries go."""
+    """What an index run writes tokens through: buffers arrays and optionally maps them (e.g. raw
+    patch tokens -> a reranker's memory) in batches."""
 
     def __init__(self, cache: TokenCache, project=None):
         self.cache = cache
@@ -192,12 +217,10 @@ class TokenWriter:
         self.cache.commit()
         self._ids, self._arrays = [], []
 
-    def delete(self, ids: Iterable[str]) -> None:
-        purge(self.cache.path.parent, ids)
-
 
 def caches_in(directory: Path) -> list[Path]:
-    return sorted(directory.glob("tokens-*.sqlite")) if directory.is_dir() else []
+    """Every token cache file in a collection's cache folder."""
+    return sorted(directory.glob(f"{_PREFIX}*{_SUFFIX}")) if directory.is_dir() else []
 
 
 def open_existing(path: Path) -> TokenCache:

@@ -32,8 +32,10 @@ class Failure:
 
 @dataclass
 class Hit:
-    """One search result. ``score`` is the final score (the reranker's when reranked, else the
-    first stage's); ``retrieval_score`` is always the first stage's similarity."""
+    """One search result. ``score`` is the final score: the first stage's (in hybrid mode Milvus'
+    fused score) unless reranked; reranked in image mode, the reranker's; reranked in hybrid mode,
+    the reranker's order fused again with the text leg (the reranker's own score is then
+    ``rerank_score``). ``retrieval_score`` is always the first stage's score."""
 
     id: str
     path: str
@@ -68,6 +70,18 @@ class Hit:
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         return doc
+
+
+@dataclass
+class AttentionMaps:
+    """What a reranker attended to for one (query, image) pair: drawn by ``mmr explain`` and the
+    search page. ``maps`` [layers, heads, words, gh, gw] holds attention weights over the image's
+    patch grid, one map per query word (word pieces merged back into words)."""
+
+    score: float
+    retrieval_score: float
+    words: list[str]
+    maps: Any  # np.ndarray [layers, heads, words, gh, gw]
 
 
 @dataclass

@@ -5,6 +5,7 @@ Suites (one module each):
 * ``encode``  -- indexing throughput through the real pipeline vs the bare open_clip forward pass;
 * ``search``  -- our search stage vs a raw ``MilvusClient.search``; ANN recall@10 vs exact search;
 * ``rerank``  -- our reranker's latency and cache bytes vs BLIP image-text matching;
+* ``blip``    -- the BLIP reranker from cached tokens vs re-encoding the images, per storage option;
 * ``quality`` -- first stage vs reranked Recall@K on held-out compositional captions.
 
 :func:`run_benchmarks` returns one JSON-serialisable document: the machine it ran on, each suite's
@@ -22,13 +23,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SUITES = ("encode", "search", "rerank", "quality")
+SUITES = ("encode", "search", "rerank", "blip", "quality")
 
 
 def run_benchmarks(suites: tuple[str, ...] | list[str] = SUITES, *, device: str = "auto", quick: bool = False,
-                   workdir: str | Path | None = None) -> dict[str, Any]:
+                   workdir: str | Path | None = None, blip: str | None = None) -> dict[str, Any]:
     """Run ``suites`` on ``device``; ``workdir`` keeps generated data between runs (default: a
-    temporary folder, removed afterwards)."""
+    temporary folder, removed afterwards); ``blip``: the BLIP checkpoint of the ``blip`` suite (hub
+    name or directory; default a random BLIP-base-sized one, timing only)."""
     import importlib
 
     from ..errors import InputError
@@ -48,13 +50,14 @@ def run_benchmarks(suites: tuple[str, ...] | list[str] = SUITES, *, device: str 
         root = Path(workdir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
     info = machine.describe(device)
+    options = {"blip": {"checkpoint": blip}}  # suite-specific arguments
     doc: dict[str, Any] = {"quick": quick, "machine": info, "suites": {}, "runs": {}}
     try:
         for name in suites:
             log.info("bench: suite %s on %s%s", name, device, " (quick)" if quick else "")
             started = time.perf_counter()
             module = importlib.import_module(f"{__name__}.{name}")
-            section = module.run(root, device, quick=quick)
+            section = module.run(root, device, quick=quick, **options.get(name, {}))
             section["suite_seconds"] = round(time.perf_counter() - started, 1)
             doc["suites"][name] = section
             doc["runs"][name] = _run_info(info, quick)

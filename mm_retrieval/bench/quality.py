@@ -174,6 +174,7 @@ def _contrast_groups(pipe: Any, table: Path) -> dict[str, Any]:
     only guess (chance = 1 / group size); Recall@K mixes this with everything else."""
     from ..decode import content_hash, item_id
     from ..evaluation import load_queries
+    from ..query import Query
     from ..tables import read_table, resolve_path
     from ..types import Hit
 
@@ -195,7 +196,7 @@ def _contrast_groups(pipe: Any, table: Path) -> dict[str, Any]:
             continue
         cos = np.stack([vectors[i] for i in scene_ids]) @ vec
         hits = [Hit(id=i, path="", score=float(c), retrieval_score=float(c)) for i, c in zip(scene_ids, cos)]
-        reranked = pipe.reranker.score(caption, hits)
+        reranked = pipe.reranker.score(Query(caption, pipe.encoder), hits)
         first_ok += scene_ids[int(np.argmax(cos))] in queries[caption]
         rerank_ok += scene_ids[int(np.argmax(reranked))] in queries[caption]
         chance += len(queries[caption] & set(scene_ids)) / len(scene_ids)

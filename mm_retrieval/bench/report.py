@@ -68,6 +68,8 @@ def figures(doc: dict[str, Any]) -> list[str]:
             lines.append(f"        cache {name:<11} kv_heads {lay['kv_heads']}: memory {lay['memory_bytes_per_image']['tensor']:,} B/img; "
                          f"per-layer K/V would be {lay['per_layer_kv_bytes_per_image']['tensor']:,} B/img; "
                          f"model p50 {_f(lay['model_ms_at_candidates']['p50_ms'])} ms at {lay['model_ms_at_candidates']['candidates']}")
+    if b := s.get("blip"):
+        lines += _blip(b)
     if q := s.get("quality"):
         e = q["eval"]
         lines.append(f"quality first stage R@1/5/10 {'/'.join(_f(v, 3) for v in e['first_stage'].values())} vs reranked "
@@ -81,6 +83,34 @@ def figures(doc: dict[str, Any]) -> list[str]:
             lines.append(f"        own scene first within its contrast group ({cg['queries']} captions): first stage "
                          f"{_f(cg['first_stage'], 3)} vs reranked {_f(cg['reranked'], 3)} (chance {_f(cg['chance'], 3)})")
         lines.append("        phases: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in q["phases_s"].items()))
+    return lines
+
+
+def _blip(b: dict[str, Any]) -> list[str]:
+    """The blip suite: per storage option bytes, cached vs re-encoding, agreement; index rates."""
+    lines = [f"blip    {b['checkpoint']} on {b['device_name']} ({b['precision']}), {b['candidates']} candidates; {b['weights']}"]
+    for res, r in b["reencode"].items():
+        a, d = r["vision_on_pixels"], r["decode_preprocess_vision"]
+        lines.append(f"        re-encoding the {b['candidates']} images at {res} px: vision model on pixels {_f(a['p50_ms'], 1)} ms, "
+                     f"decode + preprocess + vision {_f(d['p50_ms'], 1)} ms p50 (n={a['n']})")
+    for name, o in b["options"].items():
+        by, sc = o["bytes_per_image"], o["scores"]
+        agree = o[f"agreement_vs_{b['reference']}"]
+        lines.append(f"        {name:<9} {by['cache_bytes_per_item']:>9,} B/img ({_f(by['file_bytes_per_item'], 0)} in the file, "
+                     f"{_f(o['gb_per_100k_images'])} GB per 100k): cached p50 {_f(o['cached']['p50_ms'], 1)} ms (cache read "
+                     f"{_f(o['cache_read']['p50_ms'], 1)}) -> {_f(o['speedup_vs_reencode_vision']['ratio'], 1)}x vs re-encoding, "
+                     f"{_f(o['speedup_vs_reencode_with_decode']['ratio'], 1)}x with decode; scores "
+                     f"{'identical' if sc['identical'] else 'DIFFER'} ({sc['max_abs_diff_vs_reencoded_same_storage']:.1e}); vs "
+                     f"{b['reference']}: max diff {agree['max_abs_score_diff']:.2g}, tau {_f(agree['kendall_tau'])}, "
+                     f"top-10 {_f(agree['top10_overlap'])}")
+    for res, ix in b["index"].items():
+        w, wo = ix["with_blip"], ix["without_blip"]
+        lines.append(f"        index at {res} px: {_f(w['img_s'], 1)} img/s with BLIP tokens vs {_f(wo['img_s'], 1)} without "
+                     f"-> {_f(ix['throughput']['ratio'])} (steady {_f(w['steady_img_s'], 1)} vs {_f(wo['steady_img_s'], 1)}; "
+                     f"first stage {b['first_stage']})")
+    if (p := b.get("parity")) and p.get("measured"):
+        lines.append(f"        parity with transformers' forward ({p['precision']}, {p['images']} images): max ITM logit diff "
+                     f"{p['max_abs_diff_itm_logit']:.1e}")
     return lines
 
 

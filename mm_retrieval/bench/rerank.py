@@ -1,10 +1,10 @@
 """Suite ``rerank``: our cross-attention reranker against BLIP image-text matching, and cache sizes.
 
 **Ours**, a ViT-B-32-sized setup (text_dim 512, image_dim 768, P = 49 patches) with the default
-:class:`~mm_retrieval.models.reranker.RerankerConfig` and random weights, run through the real
-``reranker/cross_attention`` stage: the query's text tokens from the ViT-B-32 text tower, each
-candidate's image memory read from a real on-disk :class:`~mm_retrieval.tokencache.TokenCache`
-per query (so cache I/O counts), the model. The first candidates are real generated images indexed
+:class:`~mm_retrieval.stages.rerankers.cross_attention.model.RerankerConfig` and random weights,
+run through the real ``reranker/cross_attention`` stage's public API: the query's text tokens from
+the ViT-B-32 text tower, each candidate's image memory read from a real on-disk
+:class:`~mm_retrieval.tokencache.TokenCache` per query (so cache I/O counts), the model. The first candidates are real generated images indexed
 through ``Pipeline.index`` (which writes their memory to the cache); larger candidate lists are
 padded with memory projected from random patch tokens (values don't change the cost).
 
@@ -19,6 +19,11 @@ i.e. only its text side with cross-attention runs per query.
 
 On CUDA both sides run under the same bf16/fp16 autocast (the product's choice); timings are
 CUDA-synchronised.
+
+**Encoded once**: the search path's query encoding plus the rerank, with the query encoded once
+(one text forward gives the first stage's vector and the reranker's token features, as
+``mm_retrieval.search`` does) against encoded twice (the first stage's forward, then the
+reranker's own: what search did before), interleaved.
 
 **Cache bytes per image** for each attention layout (kv_heads = heads, heads/2, 1): the cached
 memory ([P, memory_dim] fp16, independent of kv_heads) and what caching the per-layer K/V instead
@@ -88,6 +93,7 @@ class _Setup:
     ids: list[str]
     real: int
     paths: list[Path]
+    config: Any  # the reranker's RerankerConfig
     dims: dict[str, int] = field(default_factory=dict)
 
 
@@ -100,7 +106,7 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: RerankSizes | No
         "query": QUERY,
         "ours": {
             "encoder": f"{sizes.encoder} (random weights; text tower encodes the query)",
-            "reranker_config": setup.reranker.model.config.to_dict(),
+            "reranker_config": setup.config.to_dict(),
             "patches": setup.dims["P"],
             "cache": f"TokenCache (SQLite) on disk, read per query; {setup.real} real indexed images, "
                      f"{len(setup.ids) - setup.real} padding entries projected from random tokens",
@@ -108,6 +114,7 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: RerankSizes | No
     }
     out["latency"] = _our_latency(setup, sizes)
     out["text_trim"] = _text_trim(setup, sizes)
+    out["encode_once"] = _encode_once(setup, sizes)
     out["peer"] = _peer(setup, sizes, device, out["latency"])
     out["cache_layouts"] = _layouts(setup, sizes, device, workdir)
     shutil.rmtree(workdir / "rerank.db.mmr", ignore_errors=True)
@@ -120,9 +127,9 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: RerankSizes | No
 def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
     import torch
 
-    from ..models.reranker import Reranker, RerankerConfig
     from ..pipeline import Pipeline
-    from ..reranking import save_reranker
+    from ..stages.rerankers.cross_attention.checkpoint import save_reranker
+    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
 
     db = str(workdir / "rerank.db")
     enc = {"model": sizes.encoder, "pretrained": "none", "workers": 1, "batch_size": 32}
@@ -167,13 +174,20 @@ def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
         for item_id, mem in zip(chunk, reranker.project(raw)):
             cache.add(item_id, mem)
         cache.commit()
-    return _Setup(pipe, reranker, encoder, real_ids + pad, len(real_ids), paths, dims)
+    return _Setup(pipe, reranker, encoder, real_ids + pad, len(real_ids), paths, model.config, dims)
 
 
 def _blank():
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+def _query(encoder: Any) -> Any:
+    """A fresh :class:`~mm_retrieval.query.Query` (not encoded yet: its first use encodes it)."""
+    from ..query import Query
+
+    return Query(QUERY, encoder)
 
 
 def _hits(ids: list[str]) -> list[Any]:
@@ -189,32 +203,23 @@ def _hits(ids: list[str]) -> list[Any]:
 
 
 def _our_latency(setup: _Setup, sizes: RerankSizes) -> dict[str, Any]:
-    """Per candidate count: the whole stage call, and its parts (text encode, cache read, model)."""
-    import torch
-
+    """Per candidate count: the whole stage call (the query's text encode included), and its
+    parts (text encode, cache read, model)."""
     reranker, encoder = setup.reranker, setup.encoder
-    device = reranker.device
     out = {}
     for n in sizes.candidates:
         hits = _hits(setup.ids[:n])
         ids = [h.id for h in hits]
-        retrieval = torch.tensor([h.retrieval_score for h in hits], dtype=torch.float32, device=device)
-        _, tokens, mask = encoder.encode_text_tokens([QUERY])
+        retrieval = np.array([h.retrieval_score for h in hits], dtype=np.float32)
+        encoded = _query(encoder)
+        encoded.text_features()
         memory = reranker.memories(ids)
-
-        def model_only():
-            # what score_with_attention does after the cache read and the text encode
-            mem = torch.from_numpy(memory).to(device)
-            with torch.inference_mode(), reranker._autocast():
-                return reranker.model(tokens.to(device), mask.to(device), mem, retrieval,
-                                      chunk_size=reranker.config.chunk_size).float().cpu()
-
         samples = interleaved({
-            "total": lambda: reranker.rerank(QUERY, hits, 10),
-            "text_encode": lambda: encoder.encode_text_tokens([QUERY]),
+            "total": lambda: reranker.rerank(_query(encoder), hits, 10),
+            "text_encode": lambda: _query(encoder).text_features(),
             "cache_read": lambda: reranker.memories(ids),
-            "model": model_only,
-        }, sizes.rounds, device, warmup=2)
+            "model": lambda: reranker.score_memory(encoded, memory, retrieval),
+        }, sizes.rounds, reranker.device, warmup=2)
         stats = {name: summary(s) for name, s in samples.items()}
         p50 = stats["total"]["p50_ms"]
         parts = sum(stats[k]["p50_ms"] for k in ("text_encode", "cache_read", "model"))
@@ -241,14 +246,14 @@ def _text_trim(setup: _Setup, sizes: RerankSizes) -> dict[str, Any]:
     def rerank_full():
         encoder.encode_text_tokens = full  # instance attribute: shadows the method for this call only
         try:
-            return reranker.rerank(QUERY, hits, 10)
+            return reranker.rerank(_query(encoder), hits, 10)
         finally:
             del encoder.encode_text_tokens
 
     samples = interleaved({
         "text_encode": lambda: encoder.encode_text_tokens([QUERY]),
         "text_encode_full_context": lambda: full([QUERY]),
-        "rerank": lambda: reranker.rerank(QUERY, hits, 10),
+        "rerank": lambda: reranker.rerank(_query(encoder), hits, 10),
         "rerank_full_context": rerank_full,
     }, max(2, sizes.rounds // 2), reranker.device, warmup=1)
     stats = {k: summary(v) for k, v in samples.items()}
@@ -261,6 +266,37 @@ def _text_trim(setup: _Setup, sizes: RerankSizes) -> dict[str, Any]:
                             stats["text_encode"]["p50_ms"], ratio_is="full context / real tokens only (speed-up)"),
         "rerank_gain": figure(stats["rerank_full_context"]["p50_ms"], "ms p50", f"rerank of {n}, real-tokens-only text encode, p50",
                               stats["rerank"]["p50_ms"], ratio_is="full context / real tokens only (speed-up)"),
+    }
+
+
+def _encode_once(setup: _Setup, sizes: RerankSizes) -> dict[str, Any]:
+    """A reranked search's model work on the query side: encode the query for the first stage
+    and rerank, with the query encoded once (its token features come from the forward that gives
+    the first stage's vector) against twice (the first stage's ``encode_text``, then the
+    reranker's own text forward: what search did before), interleaved. The first-stage search
+    itself is the same either way and left out."""
+    from ..search import encode_text
+
+    encoder, reranker = setup.encoder, setup.reranker
+    n = min(100, len(setup.ids))
+    hits = _hits(setup.ids[:n])
+
+    def once():
+        query = encode_text(QUERY, encoder, reranker)  # the search flow's own step: one forward
+        return reranker.rerank(query, hits, 10)
+
+    def twice():
+        encoder.encode_text([QUERY])  # the first stage's forward
+        return reranker.rerank(_query(encoder), hits, 10)  # the reranker's forward
+
+    samples = interleaved({"encoded_once": once, "encoded_twice": twice}, max(2, sizes.rounds), reranker.device, warmup=1)
+    stats = {k: summary(v) for k, v in samples.items()}
+    return {
+        "what": f"query encode + rerank of {n} candidates: the query encoded once vs by the first stage and again by the reranker",
+        "candidates": n,
+        **stats,
+        "gain": figure(stats["encoded_twice"]["p50_ms"], "ms p50", "query encoded once, p50", stats["encoded_once"]["p50_ms"],
+                       ratio_is="encoded twice / once (speed-up)"),
     }
 
 
@@ -296,12 +332,7 @@ def _peer(setup: _Setup, sizes: RerankSizes, device: str, ours: dict[str, Any]) 
     L = setup.dims["query_tokens"]
     ids = torch.randint(1000, 2000, (1, L), generator=torch.Generator().manual_seed(0))
     ids[0, 0] = 101  # [CLS]
-    dtype = getattr(setup.reranker, "_dtype", None)  # the product's autocast dtype (None on CPU)
-
-    def autocast():
-        import contextlib
-
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    autocast = setup.reranker.autocast  # the product's precision (autocast on CUDA, none on CPU)
 
     def blip_full(n: int):
         scores = []
@@ -326,7 +357,8 @@ def _peer(setup: _Setup, sizes: RerankSizes, device: str, ours: dict[str, Any]) 
     feat_cache.commit()
 
     def blip_cached(n: int):
-        feats = torch.from_numpy(feat_cache.stack(feat_ids[:n])).to(device)
+        got = feat_cache.get(feat_ids[:n])
+        feats = torch.from_numpy(np.stack([got[i] for i in feat_ids[:n]])).to(device)
         scores = []
         with torch.inference_mode(), autocast():
             for s in range(0, n, sizes.blip_chunk):
@@ -355,7 +387,7 @@ def _peer(setup: _Setup, sizes: RerankSizes, device: str, ours: dict[str, Any]) 
             out["results"][str(n)] = {"skipped": f"only {n_max} images prepared for the peer"}
             continue
         hits = hits_cache.setdefault(n, _hits(setup.ids[:n]))
-        ours_fn = lambda: setup.reranker.rerank(QUERY, hits, 10)  # noqa: E731
+        ours_fn = lambda: setup.reranker.rerank(_query(setup.encoder), hits, 10)  # noqa: E731
         pairs = []
         full_s, cached_s = [], []
         for _ in range(sizes.blip_rounds.get(n, 1)):
@@ -402,11 +434,11 @@ def _layouts(setup: _Setup, sizes: RerankSizes, device: str, workdir: Path) -> d
     """Bytes per image of the cached memory and of per-layer K/V, for MHA / GQA / MQA."""
     import torch
 
-    from ..models.reranker import Reranker, RerankerConfig
+    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
     from ..tokencache import TokenCache
 
     d, P = setup.dims, setup.dims["P"]
-    base = setup.reranker.model.config
+    base = setup.config
     heads = base.heads
     layouts = {"multi_head": heads, "grouped": max(1, heads // 2), "multi_query": 1}
     _, text, mask = setup.encoder.encode_text_tokens([QUERY])
@@ -443,13 +475,8 @@ def _layouts(setup: _Setup, sizes: RerankSizes, device: str, workdir: Path) -> d
             on_disk[what] = round(cache.file_bytes() / items, 1)
 
         retrieval = torch.full((n,), 0.3, device=device)
-        dtype = getattr(setup.reranker, "_dtype", None)
-
         def forward():
-            import contextlib
-
-            ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), setup.reranker.autocast():
                 return model(text.to(device), mask.to(device), memory, retrieval)
 
         t = summary(interleaved({"model": forward}, sizes.layout_rounds, device)["model"])

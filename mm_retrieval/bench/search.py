@@ -84,6 +84,9 @@ class VectorEncoder(Encoder):
     def encode_text(self, texts):
         return self.vector[None, :]
 
+    def encode_text_tokens(self, texts, *, with_tokens=True):  # pragma: no cover - never reranks
+        raise NotImplementedError
+
     def encode_pixels(self, pixels, *, with_tokens=False):  # pragma: no cover - never indexes images
         raise NotImplementedError
 
@@ -146,9 +149,7 @@ def _pipeline(workdir: Path, n: int, index_type: str, search_params: dict[str, A
     index_params, default_search = INDEX_PARAMS[index_type]
     store_cfg = {"index_type": index_type, "index_params": index_params,
                  "search_params": default_search if search_params is None else search_params}
-    pipe = Pipeline(db=str(workdir / "search.db"), collection=f"vectors_{n}", store=store_cfg)
-    pipe._encoder = VectorEncoder()  # no public hook for an encoder instance; the search path is unchanged
-    return pipe
+    return Pipeline(db=str(workdir / "search.db"), collection=f"vectors_{n}", store=store_cfg, encoder=VectorEncoder())
 
 
 def _settle(store: Any, queries: np.ndarray, sizes: SearchSizes) -> dict[str, Any]:
@@ -209,7 +210,7 @@ def _measure(pipe: Any, workdir: Path, n: int, queries: np.ndarray, exact: np.nd
     if store.config.index_type == "HNSW":
         small = _pipeline(workdir, n, "HNSW", {"ef": HNSW_SMALL_EF}).store
         out["recall@10_with_small_ef"] = {"ef": HNSW_SMALL_EF, "recall@10": round(_recall(small.search(queries, 10), exact), 4)}
-    out["latency"] = {str(limit): _latency(pipe, store, pipe._encoder, queries, limit, sizes.rounds) for limit in sizes.limits}
+    out["latency"] = {str(limit): _latency(pipe, store, pipe.encoder, queries, limit, sizes.rounds) for limit in sizes.limits}
     return out
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 
 def resolve(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu`` (the encoder stage's own rule)."""
-    from ..stages.encoders.open_clip import resolve_device
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (the rule every stage uses)."""
+    from ..devices import resolve_device
 
     return resolve_device(device)
 

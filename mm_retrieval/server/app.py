@@ -3,7 +3,9 @@
 Routes: ``GET /healthz`` (the process is up), ``GET /readyz`` (models loaded; batching stats),
 ``POST /search`` (``mmr search --json``; by text, image bytes or item id), the rerank endpoints of
 :mod:`mm_retrieval.server.formats`, and the search page at ``/`` with its routes
-(:mod:`mm_retrieval.server.web`). OpenAPI at ``/openapi.json``, interactive docs at ``/docs``.
+(:mod:`mm_retrieval.server.web`). OpenAPI at ``/openapi.json``, interactive docs at ``/docs`` and
+``/redoc`` (their scripts served by the server itself, so they work offline). Every request is
+logged by :class:`~.middleware.AccessLog`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Annotated, Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
@@ -24,7 +27,7 @@ from .config import ServerConfig
 from .engine import Engine
 from .errors import TEI, VLLM, ApiError, family_of
 from .formats import cohere, native, tei, vllm
-from .middleware import ApiKeyAuth, BodyLimit
+from .middleware import DOCS_ASSETS, AccessLog, ApiKeyAuth, BodyLimit
 from .web import add_web_routes
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,16 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         finally:
             await engine.stop()
 
-    app = FastAPI(title="mm_retrieval", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  default_response_class=SafeJSONResponse)
+    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN (a blank page offline);
+    # fastapi-offline serves the same pages with the assets it ships, under DOCS_ASSETS.
+    app = FastAPIOffline(title="mm_retrieval", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                         default_response_class=SafeJSONResponse, static_url=DOCS_ASSETS)
     app.state.engine = engine
-    # the last added is the outermost: the key is checked before any body is read
+    # the last added is the outermost: the key is checked before any body is read, and every
+    # request is logged, refused ones too
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(AccessLog)
     _add_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..pipeline import MAX_QUERY_CHARS
+from ..query import MAX_QUERY_CHARS
 
 MiB = 1024 * 1024
 

@@ -21,14 +21,16 @@ import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..decode import DecodeError, content_hash, decode_image, item_id
-from ..errors import StoreError
 from .config import ServerConfig
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from ..stages.base import Encoder, Store
 
 ITEM_ID = re.compile(r"[0-9a-f]{32}")
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64,", re.IGNORECASE)
@@ -143,7 +145,7 @@ class DocumentResolver:
     """Turns documents into :class:`Candidate` s using the collection (runs in a worker thread:
     it queries Milvus and decodes images, but never touches a model)."""
 
-    def __init__(self, store: Any, encoder: Any, config: ServerConfig):
+    def __init__(self, store: Store, encoder: Encoder, config: ServerConfig):
         self.store = store
         self.encoder = encoder
         self.config = config
@@ -231,16 +233,10 @@ class DocumentResolver:
 
     def _fields(self) -> list[str]:
         # collections written before text vectors existed (schema 1) have no has_image field
-        has_flag = getattr(self.store, "has_text_vectors", lambda: False)()
-        return ["id", "path", "vector", "has_image"] if has_flag else ["id", "path", "vector"]
+        return ["id", "path", "vector", "has_image"] if self.store.has_text_vectors() else ["id", "path", "vector"]
 
     def _query(self, expr: str, *, limit: int) -> list[dict[str, Any]]:
-        store = self.store
-        try:
-            getattr(store, "_ensure_loaded", lambda: None)()  # a new process finds the collection released
-            return store.client.query(store.name, filter=expr, output_fields=self._fields(), limit=limit)
-        except Exception as e:
-            raise StoreError(f"Milvus query failed on collection {store.name!r}: {' '.join(str(e).split())[:300]}", retriable=True) from e
+        return self.store.query(expr, self._fields(), limit)
 
 
 def quote(text: str) -> str:

@@ -3,7 +3,8 @@
 Wire formats (:mod:`mm_retrieval.server.formats`) translate requests into two calls:
 
 * :meth:`Engine.rerank` -- score documents for a query; returns scores in request order;
-* :meth:`Engine.search` -- the ``mmr search`` flow (first stage, then the reranker).
+* :meth:`Engine.search` -- the ``mmr search`` flow (:mod:`mm_retrieval.search`), with the
+  query's embedding and the reranker's scores computed by the batcher.
 
 Blocking work (Milvus, SQLite, image decoding) runs in worker threads; model work runs on the
 batcher's single device thread.
@@ -12,9 +13,7 @@ batcher's single device thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +22,18 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..config import SearchConfig, config_from_dict, prune_none
 from ..errors import InputError, MMRError, StoreError
-from ..pipeline import MAX_CANDIDATES, Pipeline, validate_query
-from ..types import SearchResult
+from ..pipeline import Pipeline
+from ..query import Query, validate_query
+from ..search import (SearchPlan, Timings, apply_rerank_scores, encode_image_query, finish, first_stage, plan_search, query_kind,
+                      query_label, resolve_mode, stored_vector)
+from ..types import Hit, SearchResult
 from .batcher import DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .documents import Candidate, Document, DocumentResolver, check_count, check_text
 from .errors import ApiError, from_mmr_error
 from .media import MediaFiles
-from .scoring import DeviceScorer, ScoreJob, ScoreResult, cross_attention_capable
+from .scoring import DeviceScorer, ScoreJob, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ class Engine:
         self.reranker: Any = None
         self.scorer: DeviceScorer | None = None
         self.model_name: str | None = None
-        self._memory_cache = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -68,16 +68,12 @@ class Engine:
             return
         pipe = self.pipeline
         store = pipe.store
-        store.require()
         encoder = pipe.encoder
-        encoder.warm_up()
-        store.check_compatible(encoder.info())
+        pipe.collection_facts.check(encoder)  # the collection exists and fits the encoder (warmed up)
         self.reranker = pipe.reranker
         if self.reranker is not None:
             self.reranker.warm_up()
-            if cross_attention_capable(self.reranker):
-                self._memory_cache = self.reranker.memory_cache()
-        self.metric = str(getattr(store.config, "metric", "IP"))
+        self.metric = store.metric
         self.resolver = DocumentResolver(store, encoder, self.config)
         self.media = MediaFiles(store, self.config)
         self.scorer = DeviceScorer(encoder, self.reranker, self.metric)
@@ -116,7 +112,7 @@ class Engine:
         q = self._query(query)
         check_count(len(documents), self.config)
         candidates = await self._threaded(self.resolver.resolve, documents)
-        result = await self._score(ScoreJob(query=q, candidates=candidates, memory=await self._threaded(self._cached_memory, candidates)))
+        result = await self._score(ScoreJob(query=q, candidates=candidates))
         order = np.argsort(-result.scores, kind="stable").tolist()
         return Ranking(scores=result.scores, retrieval=result.retrieval, order=order, query_tokens=result.query_tokens)
 
@@ -124,56 +120,56 @@ class Engine:
     async def search(self, query: str | None = None, *, image: bytes | None = None, image_id: str | None = None,
                      k: int | None = None, candidates: int | None = None, filter: str = "", rerank: bool | None = None,
                      mode: str | None = None, offset: int = 0) -> SearchResult:
-        """``mmr search`` over HTTP: same defaults, modes, candidates and scores, by text
-        (``query``) or by image (``image`` bytes, or ``image_id`` of an indexed item).
-
-        Text against image vectors with the reranker -- the common case -- goes through the
-        batcher (first-stage scores from Milvus, reranker logits equal to ``Pipeline.search``'s up
-        to float rounding). Every other case (first stage only, text or hybrid modes, image
-        queries) runs ``Pipeline.search`` itself on the device thread, one request at a time.
+        """``mmr search`` over HTTP, by text (``query``) or by image (``image`` bytes, or
+        ``image_id`` of an indexed item): the flow of :mod:`mm_retrieval.search`, so the same
+        defaults, modes, limits, reranking rule and scores as ``Pipeline.search``. The model work
+        runs on the device: the query's embedding and the reranker's scores as batcher jobs (shared
+        with concurrent requests), an image query's encoding on the device thread.
 
         ``offset`` pages: the hits ranked ``offset + 1 .. offset + k`` of the same search with
         ``k = offset + k`` (reranking orders the top ``max(candidates, offset + k)`` candidates).
+        What the request alone shows to be unusable (options, an explicit ``rerank`` that can't be
+        honoured) is a 422; what the collection refuses (a mode without text vectors) a 400.
         """
-        if sum(x is not None for x in (query, image, image_id)) != 1:
-            raise ApiError(422, "give exactly one of query (text), image (base64 image bytes) or image_id (an indexed item's id)")
-        q = self._query(query) if query is not None else None
-        opts = config_from_dict(SearchConfig, {**vars(self.pipeline.config.search), **prune_none({"k": k, "candidates": candidates, "mode": mode})},
-                                where="search options")
-        if opts.k < 1 or opts.candidates < 1 or offset < 0 or max(opts.k + offset, opts.candidates) > MAX_CANDIDATES:
-            raise ApiError(422, f"k and candidates must be at least 1, offset at least 0, and k + offset and candidates at most "
-                                f"{MAX_CANDIDATES} (got k={opts.k}, offset={offset}, candidates={opts.candidates})")
-        if rerank and not self.has_reranker:
-            raise ApiError(422, "this server has no reranker: start it with `mmr serve --rerank DIR`, or send rerank: false")
-        use_reranker = self.has_reranker and (rerank if rerank is not None else opts.rerank)
-        resolved = await self._threaded(self.pipeline._resolve_mode, opts.mode)  # the pipeline's own auto/text/hybrid rules
-        top = opts.k + offset
+        text = self._query(query) if query is not None else None
+        try:
+            plan = plan_search(self.pipeline.config.search, kind=query_kind(query, image, image_id), has_reranker=self.has_reranker,
+                               mode=mode, k=k, candidates=candidates, offset=offset, filter=filter, rerank=rerank)
+        except InputError as e:
+            raise ApiError(422, str(e)) from e
+        searched = await self._threaded(resolve_mode, plan, self.pipeline.collection_facts)
         if image is not None:
             await self._threaded(self.resolver.check_image, image, "the image query")
-        if q is None or not (use_reranker and resolved == "image"):
-            # image queries are never reranked (the reranker reads text), as in Pipeline.search
-            result = await self._on_device(lambda: self.pipeline.search(
-                q, image=image, image_id=image_id, mode=resolved, k=top, candidates=opts.candidates, filter=filter,
-                rerank=bool(use_reranker)))
-            return _page(result, offset)
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        emb = (await self._score(ScoreJob(query=q, want_embedding=True))).embedding
-        timings["encode"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        hits = await self._threaded(self._first_stage, emb, max(opts.candidates, top), filter)
-        timings["search"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        if hits:
-            cands = [Candidate(id=h.id) for h in hits]
-            job = ScoreJob(query=q, candidates=cands, retrieval=np.array([h.first_stage_image_score for h in hits], np.float32),
-                           memory=await self._threaded(self._cached_memory, cands))
-            scores = (await self._score(job)).scores
-            order = np.argsort(-scores, kind="stable")[:top]  # ties keep first-stage order, as Reranker.rerank
-            hits = [dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=r) for r, i in enumerate(order, start=1)]
-        timings["rerank"] = (time.perf_counter() - t) * 1000
-        timings["total"] = timings["encode"] + timings["search"] + timings["rerank"]
-        return _page(SearchResult(query=q, hits=hits, timings_ms=timings, reranked=True, mode=resolved), offset)
+        timings = Timings()
+        q = Query(text, self.pipeline.encoder) if text is not None else None  # encoded once, by the batcher
+        with timings.step("encode"):
+            vector = await self._encode_query(q, image, image_id)
+        with timings.step("search"):
+            hits = await self._threaded(self._first_stage, plan, searched, vector)
+        with timings.step("rerank"):
+            if plan.rerank:
+                hits = await self._rerank(plan, searched, q, hits)
+        return finish(plan, searched, hits, timings, query_label(text, image, image_id))
+
+    async def _encode_query(self, query: Query | None, image: bytes | None, image_id: str | None) -> np.ndarray:
+        """[D] the query's vector: a text query's embedding from the batcher (with its token
+        features, which the rerank job reuses), an indexed item's stored vector, or an image's
+        embedding encoded on the device thread."""
+        if query is not None:
+            return (await self._score(ScoreJob(query=query, want_embedding=True))).embedding
+        if image_id is not None:
+            return await self._threaded(stored_vector, self.pipeline.store, image_id)
+        encoder = self.pipeline.encoder
+        return await self._on_device(lambda: encode_image_query(encoder, image))
+
+    async def _rerank(self, plan: SearchPlan, mode: str, query: Query, hits: list[Hit]) -> list[Hit]:
+        """The reranker's scores for ``hits`` from the batcher, ordered (or fused) as the library does."""
+        if not hits:
+            return []
+        cands = [Candidate(id=h.id) for h in hits]
+        job = ScoreJob(query=query, candidates=cands, retrieval=np.array([h.first_stage_image_score for h in hits], np.float32))
+        scores = (await self._score(job)).scores
+        return apply_rerank_scores(hits, scores, plan.top, mode=mode, search=plan.options)
 
     # ---- explain ---------------------------------------------------------------------------
     async def explain(self, query: str, item_id: str) -> dict[str, Any]:
@@ -182,18 +178,18 @@ class Engine:
         from ..explain import attention_maps
 
         q = self._query(query)
-        if not (self.has_reranker and hasattr(self.reranker, "score_with_attention")):
-            raise ApiError(422, "this server has no cross-attention reranker to explain: start it with `mmr serve --rerank DIR`")
+        if not (self.has_reranker and self.reranker.can_explain):
+            raise ApiError(422, "this server has no reranker that can explain its scores: start it with `mmr serve --rerank DIR`")
         await self._threaded(self.media.locate, item_id)  # an indexed image, at its recorded path (see media.py)
         ex = await self._on_device(lambda: attention_maps(self.pipeline, q, item_id))
         return {**ex.to_dict(), "heads": int(ex.head_maps.shape[0])}
 
-    def _first_stage(self, emb: np.ndarray, limit: int, filter: str):
+    def _first_stage(self, plan: SearchPlan, mode: str, vector: np.ndarray) -> list[Hit]:
         try:
-            return self.pipeline.store.search(emb[None], limit, filter, mode="image")[0]
+            return first_stage(self.pipeline.store, plan, mode, vector[None])[0]
         except StoreError as e:
-            if filter and not e.retriable:  # a filter the store can't run is the caller's to fix
-                raise ApiError(400, f"invalid filter expression {filter[:200]!r}: {e}", param="filter") from e
+            if plan.filter and not e.retriable:  # a filter the store can't run is the caller's to fix
+                raise ApiError(400, f"invalid filter expression {plan.filter[:200]!r}: {e}", param="filter") from e
             raise
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -203,13 +199,6 @@ class Engine:
             return validate_query(query)
         except InputError as e:
             raise ApiError(422, str(e), param="query") from e
-
-    def _cached_memory(self, candidates: Sequence[Candidate]) -> list[np.ndarray | None]:
-        """Reranker memory already cached for indexed candidates (read here, off the device thread)."""
-        if self._memory_cache is None:
-            return [None] * len(candidates)
-        got = self._memory_cache.get([c.id for c in candidates if c.id])
-        return [got.get(c.id) if c.id else None for c in candidates]
 
     async def _threaded(self, fn, *args):
         try:
@@ -246,13 +235,6 @@ class Engine:
         if self.batcher is not None:
             doc["batching"] = self.batcher.stats.to_dict()
         return doc
-
-
-def _page(result: SearchResult, offset: int) -> SearchResult:
-    """Drop the first ``offset`` hits (ranks stay those of the whole list)."""
-    if offset:
-        result.hits = result.hits[offset:]
-    return result
 
 
 def _model_name(pipe: Pipeline) -> str:

@@ -16,12 +16,15 @@ import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from .config import ServerConfig
 from .documents import ITEM_ID
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from ..stages.base import Store
 
 MAX_FILE_BYTES = 512 * 1024 * 1024  # an indexed file larger than this is not previewed
 
@@ -45,7 +48,7 @@ class Rendered:
 class MediaFiles:
     """Looks up, checks and renders indexed items' images (called from worker threads)."""
 
-    def __init__(self, store: Any, config: ServerConfig):
+    def __init__(self, store: Store, config: ServerConfig):
         self.store = store
         self.config = config
         self.roots = tuple(os.path.realpath(os.path.expanduser(r)) for r in config.media_roots)
@@ -57,7 +60,7 @@ class MediaFiles:
         recorded paths)."""
         if not ITEM_ID.fullmatch(item_id):
             raise ApiError(404, f"{item_id[:80]!r} is not an item id (32 lowercase hex characters, as /search returns)")
-        fields = ["id", "path", "has_image"] if getattr(self.store, "has_text_vectors", lambda: False)() else ["id", "path"]
+        fields = ["id", "path", "has_image"] if self.store.has_text_vectors() else ["id", "path"]
         rows = self.store.get([item_id], fields=fields)
         if not rows:
             raise ApiError(404, f"no item {item_id} in collection {self.store.name!r}")

@@ -1,20 +1,62 @@
-"""ASGI middleware: the API key and the request-body bound, checked before any route runs."""
+"""ASGI middleware: the access log, the API key and the request-body bound, checked before any
+route runs."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 
 from .errors import ApiError, family_of
 
 log = logging.getLogger(__name__)
+# One INFO line per request; `mmr serve` prints it on stderr unless --no-access-log.
+access_log = logging.getLogger("mm_retrieval.server.access")
 
+# Where /docs and /redoc load their scripts and styles from (fastapi-offline's copies).
+DOCS_ASSETS = "/docs/assets"
 # Liveness/readiness probes, the API docs and the search page's static code never need the key
 # (they reveal no data; the page asks for the key before it fetches anything).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
                           "/", "/ui", "/static/app.js", "/static/app.css"})
+MAX_LOGGED_PATH = 200  # characters of a request path in the access log
+
+
+class AccessLog:
+    """Log ``METHOD PATH STATUS MS`` for every request, refused ones included: the time until
+    the response was sent, or 500 when the app failed before answering. Never the query string,
+    the headers (the API key) or a body; the path is percent-encoded, so it can't forge log lines."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not access_log.isEnabledFor(logging.INFO):
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            access_log.info("%s %s %d %.1f ms", scope["method"], _loggable(scope["path"]), status, ms)
+
+
+def _loggable(path: str) -> str:
+    """``path`` percent-encoded again (as uvicorn logs it: no spaces, control or non-ASCII
+    characters), cut short."""
+    text = quote(path, errors="backslashreplace")
+    return text if len(text) <= MAX_LOGGED_PATH else text[:MAX_LOGGED_PATH] + "..."
 
 
 class BodyTooLarge(HTTPException):
@@ -78,7 +120,8 @@ class ApiKeyAuth:
         self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.expected is None or scope.get("path") in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.expected is None or path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-api-key")

@@ -12,17 +12,14 @@ checkpoint whose head is perturbed, so that reranking visibly reorders the first
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..testing.images import COLORS, make_image  # re-exported: servers' tests and plugin authors use them
+
 TINY_ENCODER = {"model": "mmr-tiny", "pretrained": "none", "workers": 0, "batch_size": 8}
-COLORS = {
-    "red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-    "purple": (140, 40, 170), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245),
-}
 
 
 @dataclass
@@ -41,20 +38,6 @@ class DemoCollection:
 
         return Pipeline(db=self.db, collection=self.collection, encoder={"workers": 0},
                         reranker=str(self.checkpoint) if rerank and self.checkpoint else None)
-
-
-def make_image(path: Path, color: tuple[int, int, int], *, size=(72, 56), seed: int = 0) -> Path:
-    """A solid colour with a few seeded noise pixels, so every file's bytes are distinct."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", size, color)
-    px = im.load()
-    for _ in range(12):
-        px[rng.randrange(size[0]), rng.randrange(size[1])] = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
 
 
 def make_demo_collection(root: str | Path, *, collection: str = "images", reranker: bool = True, seed: int = 0) -> DemoCollection:
@@ -76,8 +59,8 @@ def save_demo_reranker(pipe: Any, out: Path, *, seed: int = 0) -> Path:
     import numpy as np
     import torch
 
-    from ..models.reranker import Reranker, RerankerConfig
-    from ..reranking import save_reranker
+    from ..stages.rerankers.cross_attention.checkpoint import save_reranker
+    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
 
     encoder = pipe.encoder
     encoder.warm_up()

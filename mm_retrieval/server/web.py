@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..pipeline import MAX_CANDIDATES
+from ..search import MAX_CANDIDATES
 from .engine import Engine
 from .errors import ApiError
 from .media import Rendered
@@ -40,6 +40,7 @@ class ExplainResponse(BaseModel):
     id: Optional[str]
     words: list[str] = Field(description="Query words; maps[i] is word i's attention.")
     grid: list[int] = Field(description="[rows, cols] of image patches (over the centre square the encoder sees).")
+    layers: int = Field(description="Attention layers of the reranker (the maps are averaged over them).")
     heads: int
     maps: list[list[list[float]]] = Field(description="[words][rows][cols], averaged over heads and layers; each sums to 1.")
     head_maps: list[list[list[list[float]]]] = Field(description="[heads][words][rows][cols], averaged over layers.")
@@ -73,13 +74,12 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
         """What the search page shows and offers: the collection, whether a reranker and text
         vectors are there (and so which modes work), search defaults and request limits."""
         store = engine.pipeline.store
-        count_with_text = getattr(store, "count_with_text", lambda: 0)  # a third-party store may have no text vectors
-        items, with_text = await engine._threaded(lambda: (store.count(), count_with_text()))
+        items, with_text = await engine._threaded(lambda: (store.count(), store.count_with_text()))
         defaults = engine.pipeline.config.search
         return {
             "collection": store.name, "items": items, "items_with_text": with_text, "model": engine.model_name,
             "reranker": engine.has_reranker,
-            "explain": engine.has_reranker and hasattr(engine.reranker, "score_with_attention"),
+            "explain": engine.has_reranker and engine.reranker.can_explain,
             "modes": ["auto", "image", "text", "hybrid"] if with_text else ["image"],
             "defaults": {"k": defaults.k, "candidates": defaults.candidates, "mode": defaults.mode},
             "limits": {"max_k": MAX_CANDIDATES, "max_query_chars": engine.config.max_query_chars,

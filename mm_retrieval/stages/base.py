@@ -2,24 +2,35 @@
 
 Every stage has one lifecycle: ``__init__(config)`` is cheap and JSON-serialisable (it only
 validates the config), ``warm_up()`` does the heavy loading (models, connections) and is called
-once, lazily, by whoever first needs it. Each role has one abstract method; the base classes own
-batching, sorting and validation.
+once, lazily, by whoever first needs it. Each role (:class:`Source`, :class:`Encoder`,
+:class:`Store`, :class:`Reranker`) is an abstract base class whose abstract methods are the whole
+contract its callers use; :mod:`mm_retrieval.testing.contracts` checks a stage keeps it.
+
+A stage that fails while running reports its name: an exception other than an
+:class:`~mm_retrieval.errors.MMRError` escaping a role method of a subclass (or ``warm_up``)
+becomes a :class:`~mm_retrieval.errors.StageError` naming the stage, raised from the original.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from ..config import config_from_dict, config_to_dict
-from ..errors import MMRError, StageError
-from ..types import Hit, Record
+from ..config import config_from_dict, config_to_dict, prune_none
+from ..errors import ConfigError, InputError, MMRError, StageError
+from ..types import AttentionMaps, Hit, Record
+
+if TYPE_CHECKING:
+    from ..query import Query
+    from ..tokencache import TokenWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +38,30 @@ class NoConfig:
     """Config of a stage that takes no parameters."""
 
 
-class Stage:
-    """Base of every stage. Subclasses set ``Config`` to a frozen dataclass."""
+class Stage(ABC):
+    """Base of every stage. Subclasses set ``Config`` to a frozen dataclass and implement their
+    role's abstract methods; each class's own definitions of its role's methods are wrapped when
+    the class is created, so that an unexpected exception becomes a StageError naming it."""
 
     Config: ClassVar[type] = NoConfig
     stage_kind: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _role_methods(cls):
+            member = cls.__dict__.get(name)
+            if isinstance(member, property) and member.fget is not None:
+                setattr(cls, name, property(_guarded(name, member.fget), member.fset, member.fdel, member.__doc__))
+            elif inspect.isfunction(member):
+                setattr(cls, name, _guarded(name, member))
+
     def __init__(self, config: Any = None, **overrides: Any):
+        """``config``: a ``Config`` instance, a dict of its fields, or None for the defaults;
+        ``overrides`` whose value is None are ignored (unset CLI flags)."""
+        overrides = prune_none(overrides)
         if config is None or isinstance(config, dict):
-            data = {**(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
-            config = config_from_dict(self.Config, data, where=f"{self.label} config")
+            config = config_from_dict(self.Config, {**(config or {}), **overrides}, where=f"{self.label} config")
         elif overrides:
             config = config_from_dict(self.Config, {**config_to_dict(config), **overrides}, where=f"{self.label} config")
         self.config = config
@@ -66,67 +90,306 @@ class Stage:
         return {"name": self.stage_name, **config_to_dict(self.config)}
 
 
+def _role_methods(cls: type) -> list[str]:
+    """The public methods and properties the role ``cls`` plays (the class right below
+    :class:`Stage` in its MRO) declares; empty for a role class itself."""
+    roles = [c for c in cls.__mro__[1:] if Stage in c.__bases__]
+    if not roles:
+        return []
+    return [n for n, v in vars(roles[0]).items()
+            if not n.startswith("_") and (inspect.isfunction(v) or isinstance(v, property))]
+
+
+def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a role method of a stage) with any exception other than an MMRError re-raised as
+    a StageError naming the stage and the method; generators are guarded while they run."""
+    if getattr(fn, "__mmr_guarded__", False):
+        return fn
+
+    def fail(self: Stage, e: Exception) -> StageError:
+        return StageError(self.label, f"{name}() failed: {type(e).__name__}: {e}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def guarded_gen(self: Stage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return (yield from fn(self, *args, **kwargs))
+            except MMRError:
+                raise
+            except Exception as e:
+                raise fail(self, e) from e
+
+        guarded = guarded_gen
+    else:
+        @functools.wraps(fn)
+        def guarded_call(self: Stage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except MMRError:
+                raise
+            except Exception as e:
+                raise fail(self, e) from e
+
+        guarded = guarded_call
+    guarded.__mmr_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
 class Source(Stage):
     """Lists the records (image files + text + metadata) to index."""
 
     @abstractmethod
     def records(self) -> Iterator[Record]:
-        """Yield every record; unreadable rows are reported through :attr:`problems`."""
+        """Yield every record: ``path`` absolute (None for a text-only item, which then has
+        text), the same records in the same order on every run over unchanged input. Entries the
+        source has to drop go to :attr:`problems`, not into an exception."""
 
     @property
     def problems(self) -> list[tuple[str, str]]:
-        """(path, reason) for entries the source itself had to drop (e.g. missing files)."""
-        return getattr(self, "_problems", [])
+        """(path, reason) for each entry the last :meth:`records` run had to drop (e.g. an
+        unreadable folder). Complete once that generator is exhausted; reset when a run starts."""
+        return list(getattr(self, "_problems", []))
+
+    def _problem(self, path: str, reason: str) -> None:
+        """Record an entry dropped by the running :meth:`records` (see :attr:`problems`)."""
+        self._problems = [*getattr(self, "_problems", []), (str(path), reason)]
 
 
 class Encoder(Stage):
     """Turns images and texts into L2-normalised vectors of one shared space.
 
-    Subclasses provide the model; the base class owns decoding in workers and batching
-    (see :meth:`encode_files`).
+    Subclasses provide the model; decoding images in workers and batching them is
+    :func:`encode_files`' job, which calls :attr:`image_transform` and :meth:`encode_pixels`.
     """
 
-    dim: int
-    fingerprint: str  # identifies the weights: collections and caches are keyed by it
-
-    @abstractmethod
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        """[N, D] float32, L2-normalised."""
-
-    @abstractmethod
-    def encode_pixels(self, pixels: Any, *, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Encode a preprocessed batch: ([N, D] float32 normalised, [N, P, W] tokens or None)."""
+    #: The torch device the model runs on ("cpu", "cuda", "cuda:1"); final after :meth:`warm_up`.
+    device: str = "cpu"
+    #: The text tokenizer, ``list[str] -> [N, C]`` token ids (set by :meth:`warm_up`); used to
+    #: map token features back to words.
+    tokenizer: Any = None
 
     @property
     @abstractmethod
-    def image_transform(self) -> Any:
-        """PIL image -> model input tensor. Runs in decoding workers, so it must be picklable."""
+    def dim(self) -> int:
+        """The length D of every vector (may warm the encoder up to find out)."""
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Identifies architecture and weights: collections, token caches and reranker
+        checkpoints are keyed by it. Cheap (no model loading) and stable across processes."""
+
+    @abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] float32, L2-normalised; the same text always gives the same vector."""
+
+    @abstractmethod
+    def encode_text_tokens(self, texts: Sequence[str], *, with_tokens: bool = True) -> tuple[Any, Any, Any]:
+        """One text-tower forward for ``texts``: (embeddings [N, D] float32 torch tensor, equal to
+        :meth:`encode_text`'s; token features [N, C, W] float32 torch tensor, or None without
+        ``with_tokens``; mask [N, C] bool torch tensor, True at real tokens). C is the tokenizer's
+        context length. An encoder without token features raises ConfigError saying so."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: Any, *, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Encode a batch of :attr:`image_transform` outputs stacked [N, ...]: ([N, D] float32
+        L2-normalised, [N, P, W] float16 patch tokens with ``with_tokens``, else None)."""
+
+    @property
+    @abstractmethod
+    def image_transform(self) -> Callable[[Any], Any]:
+        """PIL image -> model input tensor. Runs in decoding worker processes, so it must be
+        picklable."""
 
     def info(self) -> dict[str, Any]:
-        """What a collection records about the encoder that built it."""
+        """What a collection records about the encoder that built it (JSON-serialisable):
+        at least ``stage``, ``fingerprint`` and ``dim``."""
         return {"stage": self.stage_name, "fingerprint": self.fingerprint, "dim": self.dim}
 
 
 class Store(Stage):
-    """A vector collection with metadata, searchable with filters."""
+    """A collection of items (an image vector, a text vector, path, caption, metadata) that can
+    be searched by vector with a filter.
 
-    def cache_dir(self) -> Path:
-        """Folder for this collection's side data (token caches); stores override it."""
-        raise NotImplementedError(f"{self.label} does not provide a cache folder")
+    A row, as :meth:`upsert` takes it and :meth:`get` / :meth:`iter_rows` / :meth:`query` return
+    it, is a dict with ``id`` (hex string, at most 64 characters), ``vector`` ([D] float32, the
+    image embedding; zeros for a text-only item), ``text_vector`` ([D] float32, or absent/None for
+    an item without text), ``has_image`` (bool), ``has_text`` (bool, derived from
+    ``text_vector``), ``path``, ``content_hash``, ``caption``, ``metadata`` (a JSON object),
+    ``file_size`` and ``mtime_ns``. Filters are boolean expressions over ``path``, ``caption``
+    and ``metadata`` in Milvus' expression language (what ``--filter`` documents), e.g.
+    ``metadata["year"] >= 2020 and caption like "%dog%"``. Reads on a missing collection behave
+    as on an empty one except where noted.
+    """
+
+    # ---- the collection -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The collection's name (used in messages and cache folders)."""
+
+    @property
+    @abstractmethod
+    def metric(self) -> str:
+        """How scores compare vectors: "IP" or "COSINE" (cosine on normalised vectors), or "L2"
+        (reported negated, so that a higher score is always closer)."""
 
     @abstractmethod
-    def search(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[Hit]]:
-        """For each query vector, the best ``limit`` hits (score = similarity, higher is better)."""
+    def cache_dir(self) -> Path:
+        """Folder for this collection's side data (token caches); :meth:`drop` removes it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and files (another process may then open the collection). The
+        store reopens on next use."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the collection exists."""
+
+    @abstractmethod
+    def require(self) -> None:
+        """Raise InputError (saying how to create it) if the collection does not exist."""
+
+    @abstractmethod
+    def encoder_info(self) -> dict[str, Any] | None:
+        """The :meth:`Encoder.info` the collection was created with (None if it does not exist)."""
+
+    @abstractmethod
+    def check_compatible(self, encoder_info: dict[str, Any]) -> None:
+        """Raise IncompatibleError if the collection was built by another encoder (another
+        ``fingerprint`` or ``dim``); a missing collection is compatible with any."""
+
+    @abstractmethod
+    def ensure_collection(self, encoder_info: dict[str, Any]) -> None:
+        """Create the collection for vectors of this encoder (``dim`` from ``encoder_info``,
+        which is recorded) if it does not exist; refuse (IncompatibleError) one built by another."""
+
+    @abstractmethod
+    def drop(self) -> None:
+        """Delete the collection and its :meth:`cache_dir`; nothing happens if it is missing."""
+
+    # ---- writes ---------------------------------------------------------------------------
+    @abstractmethod
+    def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows, replacing those with the same ``id`` (see the class docstring for a row)."""
+
+    @abstractmethod
+    def delete(self, ids: Iterable[str]) -> None:
+        """Remove the rows with these ids; unknown ids are ignored."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make the rows written so far durable and fast to search (an index run ends with it)."""
+
+    # ---- reads ----------------------------------------------------------------------------
+    @abstractmethod
+    def count(self) -> int:
+        """How many rows the collection holds (0 when it does not exist)."""
+
+    @abstractmethod
+    def count_with_text(self) -> int:
+        """How many rows have a text vector."""
+
+    @abstractmethod
+    def has_text_vectors(self) -> bool:
+        """Whether the collection stores text vectors (text and hybrid search need them;
+        collections from before they existed do not)."""
+
+    @abstractmethod
+    def get(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """The rows with these ids, each with ``id`` and ``fields`` (unknown ids are left out;
+        order not guaranteed)."""
+
+    @abstractmethod
+    def iter_rows(self, fields: Sequence[str] = ("id", "path"), filter: str = "") -> Iterator[dict[str, Any]]:
+        """Every row matching ``filter`` (all when empty) exactly once, with ``id`` and
+        ``fields``; streamed, so the collection need not fit in memory."""
+
+    @abstractmethod
+    def query(self, filter: str, fields: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """At most ``limit`` rows matching ``filter`` (a non-empty expression), with ``fields``."""
+
+    @abstractmethod
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image") -> list[list[Hit]]:
+        """For each query vector [Q, D], its best ``limit`` hits matching ``filter``, highest
+        score first, ranks 1..n, ``score == retrieval_score``. ``mode`` "image" searches image
+        vectors (items with an image), "text" the text vectors (items with text); another mode is
+        an InputError, and so is "text" on a collection without text vectors."""
+
+    @abstractmethod
+    def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
+                      weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60,
+                      images_only: bool = False) -> list[Hit]:
+        """One query vector [D] against both the image and the text vectors, fused by ``ranker``
+        ("rrf" with constant ``rrf_k``, or "weighted" with (image, text) ``weights``; another is
+        an InputError). Each hit's ``score`` is the fused score, ``image_score`` its image-vector
+        similarity when it has an image, ``text_score`` its text-vector similarity when it has
+        text. ``images_only`` leaves out items without an image."""
+
+
+class ImageSide(Protocol):
+    """A reranker's own image encoder, run at index time beside the first-stage encoder (see
+    :meth:`Reranker.image_side`)."""
+
+    #: PIL image -> float32 tensor (e.g. [3, S, S]); runs in the decoding workers, so picklable.
+    transform: Callable[[Any], Any]
+    #: One image's tokens, (P, W).
+    shape: tuple[int, int]
+
+    def encode(self, pixels: Any) -> np.ndarray:
+        """A batch of :attr:`transform` outputs stacked [n, ...] -> [n, P, W] float32 tokens."""
+        ...
 
 
 class Reranker(Stage):
-    """Rescores first-stage hits for a text query."""
+    """Rescores first-stage hits for a text query.
+
+    Lifecycle: the pipeline calls :meth:`bind` with the encoder and store the reranker works
+    with, then :meth:`warm_up`. It receives the query as a :class:`~mm_retrieval.query.Query`
+    (encoded once, shared with the first stage) and must not encode it again.
+
+    A subclass implements :meth:`score` and :meth:`token_writer`; it may override
+    :meth:`score_batch` (several queries in one forward: the server's batcher) and, with
+    ``can_explain = True``, :meth:`attention_maps` (``mmr explain``, the search page's maps).
+    """
+
+    #: True when :meth:`score` reads ``query.text_features()`` (the first-stage encoder's token
+    #: features): the search flow then computes them in the same forward as the embedding.
+    needs_text_features: ClassVar[bool] = False
+    #: True when :meth:`attention_maps` is implemented.
+    can_explain: ClassVar[bool] = False
+    #: True when :meth:`score_batch` takes ``image_tokens``: the first-stage encoder's patch
+    #: tokens of candidates outside the collection (images sent inline to the server).
+    reads_image_tokens: ClassVar[bool] = False
+
+    encoder: "Encoder | None" = None  # set by bind()
+    store: "Store | None" = None
+
+    def bind(self, *, encoder: "Encoder", store: "Store") -> None:
+        """Give the reranker the encoder whose vectors it builds on and the store whose token
+        cache it reads. Called once, before :meth:`warm_up`."""
+        self.encoder = encoder
+        self.store = store
 
     @abstractmethod
-    def score(self, query: str, hits: Sequence[Hit]) -> np.ndarray:
-        """One score per hit (higher is better)."""
+    def score(self, query: "Query", hits: Sequence[Hit]) -> np.ndarray:
+        """One score per hit (higher is better) for ``query``."""
 
-    def rerank(self, query: str, hits: Sequence[Hit], k: int) -> list[Hit]:
+    def score_batch(
+        self,
+        requests: Sequence[tuple["Query", Sequence[Hit]]],
+        *,
+        image_tokens: Mapping[str, np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """Scores of several (query, hits) requests, in order; by default one :meth:`score`
+        call each. ``image_tokens`` ([P, W] per hit id, for hits not in the collection) needs a
+        reranker with ``reads_image_tokens``."""
+        if image_tokens:
+            raise InputError(f"{self.label} scores indexed images only; it cannot score images sent inline")
+        return [np.asarray(self.score(q, hits), dtype=np.float64) if hits else np.zeros(0) for q, hits in requests]
+
+    def rerank(self, query: "Query", hits: Sequence[Hit], k: int) -> list[Hit]:
         """Score, sort (stable, ties keep first-stage order), keep the top ``k``, renumber ranks."""
         if not hits:
             return []
@@ -137,6 +400,30 @@ class Reranker(Stage):
             h = dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=rank)
             out.append(h)
         return out
+
+    @abstractmethod
+    def token_writer(self) -> "TokenWriter | None":
+        """What an index run writes to the token cache for this reranker (e.g. its image memory,
+        derived from the encoder's patch tokens), or None when it reads nothing from the cache:
+        index runs then keep the encoder's raw patch tokens, as without a reranker."""
+
+    def image_side(self) -> ImageSide | None:
+        """The reranker's own image encoder, when what it caches is not derived from the
+        first-stage encoder's patch tokens (e.g. BLIP's vision transformer, with its own
+        preprocessing): index runs and ``mmr cache build`` then decode each image once for both
+        models (:func:`encode_files` with ``image_side``) and write its :meth:`ImageSide.encode`
+        output through :meth:`token_writer`. None (the default): :meth:`token_writer` takes the
+        encoder's patch tokens. May warm the reranker up."""
+        return None
+
+    def attention_maps(self, query: "Query", hit: Hit, image: Any = None) -> AttentionMaps:
+        """What the reranker attended to when scoring ``hit`` for ``query``; ``image`` (a PIL
+        image not in the collection) is scored instead of the hit's cached data. Only rerankers
+        with ``can_explain``; the others raise :class:`ConfigError`."""
+        raise ConfigError(
+            f"{self.label} cannot show what it attended to; explaining needs a reranker that can "
+            "(e.g. reranker/cross_attention: pass --rerank DIR from `mmr train-reranker`)"
+        )
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -157,61 +444,102 @@ def encode_files(
     *,
     known_ids: frozenset[str] = frozenset(),
     with_tokens: bool = False,
+    image_side: ImageSide | None = None,
 ) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]:
     """Read, hash, decode and encode image files, decoding in DataLoader workers so that it
     overlaps the forward pass. Yields ``(items, embeddings, tokens)`` per batch, where
-    ``embeddings[j]`` belongs to the j-th item with ``decoded`` set.
+    ``embeddings[j]`` and ``tokens[j]`` belong to the j-th item with ``decoded`` set.
+
+    ``tokens``: the encoder's patch tokens with ``with_tokens``; with ``image_side`` (a
+    reranker's own image encoder, :meth:`Reranker.image_side`) that side's tokens instead: each
+    image is decoded once, the workers apply both preprocessings, and every batch goes through
+    both models. Else None.
+
+    Workers (the encoder config's ``workers``) are spawned, not forked, and die with this process
+    (:mod:`mm_retrieval.workers`: a forked worker inherited the open database and write lock).
+    Spawning costs seconds, so files that fit in one batch, which workers could not overlap with
+    anything, are decoded here. As with any ``spawn``, a script that indexes with workers must
+    guard its entry point with ``if __name__ == "__main__":``.
     """
     from torch.utils.data import DataLoader
 
-    from ..decode import DEFAULT_MAX_PIXELS, ImageFileDataset, collate_items
+    from ..decode import DEFAULT_MAX_PIXELS, ImageFileDataset, Transforms, collate_items
+    from ..workers import worker_context
 
     encoder.warm_up()
     cfg = encoder.config
-    workers = int(getattr(cfg, "workers", 0))
+    batch_size = int(getattr(cfg, "batch_size", 32))
+    workers = decode_workers(encoder, len(paths))
+    transform = encoder.image_transform if image_side is None else Transforms(encoder.image_transform, image_side.transform)
     dataset = ImageFileDataset(
-        paths, encoder.image_transform, known_ids=known_ids, max_pixels=int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
+        paths, transform, known_ids=known_ids, max_pixels=int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
     )
     loader = DataLoader(
         dataset,
-        batch_size=int(getattr(cfg, "batch_size", 32)),
+        batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_items,
         prefetch_factor=4 if workers else None,
         pin_memory=str(getattr(encoder, "device", "cpu")).startswith("cuda"),
+        multiprocessing_context=worker_context() if workers else None,
     )
     empty = np.zeros((0, 0), dtype=np.float32)
-    with _cpu_threads(encoder):
-        for items, pixels in loader:
-            if pixels is None:
-                yield items, empty, None
-                continue
-            emb, tokens = encoder.encode_pixels(pixels, with_tokens=with_tokens)
-            yield items, emb, tokens
+    with _cpu_threads(encoder, workers):
+        try:
+            for items, pixels in loader:
+                if pixels is None:
+                    yield items, empty, None
+                    continue
+                if image_side is None:
+                    emb, tokens = encoder.encode_pixels(pixels, with_tokens=with_tokens)
+                else:
+                    first, side = pixels
+                    emb, _ = encoder.encode_pixels(first)
+                    tokens = image_side.encode(side)
+                yield items, emb, tokens
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise StageError(
+                encoder.label,
+                f"a decoding worker process died ({e}). If this runs from a script, guard its entry point with "
+                "`if __name__ == \"__main__\":` (workers start with spawn), or set the encoder's workers to 0",
+            ) from e
 
 
-def indexing_threads(encoder: Encoder) -> int:
+def decode_workers(encoder: Encoder, n_files: int) -> int:
+    """How many worker processes :func:`encode_files` decodes ``n_files`` with: the encoder
+    config's ``workers``, or none when the files fit in one batch."""
+    cfg = encoder.config
+    workers = int(getattr(cfg, "workers", 0))
+    return workers if n_files > int(getattr(cfg, "batch_size", 32)) else 0
+
+
+def indexing_threads(encoder: Encoder, workers: int | None = None) -> int:
     """The torch thread count :func:`encode_files` runs a (warm) encoder with: on a CPU, one
     thread fewer per decoding worker (at least one), since torch's intra-op threads and the
     workers otherwise compete for the same cores and an OpenMP thread that loses its core stalls
     the others at every barrier (measured 1.2x indexing throughput on 2 cores with 2 workers);
-    the encoder config's ``index_threads`` (when > 0) instead. Elsewhere torch's current count."""
+    the encoder config's ``index_threads`` (when > 0) instead. Elsewhere torch's current count.
+    ``workers``: the workers actually started (default: the config's)."""
     import torch
 
     current = torch.get_num_threads()
     if str(getattr(encoder, "device", "cpu")) != "cpu":
         return current
     configured = int(getattr(encoder.config, "index_threads", 0) or 0)
-    return configured if configured > 0 else max(1, current - int(getattr(encoder.config, "workers", 0)))
+    if workers is None:
+        workers = int(getattr(encoder.config, "workers", 0))
+    return configured if configured > 0 else max(1, current - workers)
 
 
 @contextmanager
-def _cpu_threads(encoder: Encoder) -> Iterator[None]:
+def _cpu_threads(encoder: Encoder, workers: int) -> Iterator[None]:
     """Torch on :func:`indexing_threads` threads; the setting is process-wide, so it is restored
     as soon as the loop ends or is abandoned."""
     import torch
 
-    before, wanted = torch.get_num_threads(), indexing_threads(encoder)
+    before, wanted = torch.get_num_threads(), indexing_threads(encoder, workers)
     if wanted == before:
         yield
         return

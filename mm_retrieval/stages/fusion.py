@@ -21,25 +21,25 @@ import numpy as np
 from mm_retrieval.errors import InputError
 from mm_retrieval.types import Hit
 
-__all__ = ["fuse_legs", "rerank_hits"]
+__all__ = ["apply_rerank_scores", "fuse_legs"]
 
 
-def rerank_hits(reranker: Any, query: str, hits: Sequence[Hit], k: int, *, mode: str, search: Any) -> list[Hit]:
-    """Rerank first-stage ``hits`` for ``query`` and keep the top ``k``.
+def apply_rerank_scores(hits: Sequence[Hit], scores: Sequence[float], k: int, *, mode: str, search: Any) -> list[Hit]:
+    """Order first-stage ``hits`` by the reranker's ``scores`` (one per hit) and keep the top ``k``.
 
-    ``mode="image"``: the reranker's order (:meth:`Reranker.rerank`). ``mode="hybrid"``: the
-    reranker's scores fused with the hits' ``text_score`` (see the module docstring) using
-    ``search.hybrid_ranker`` / ``search.hybrid_weights`` / ``search.rrf_k``; each hit's ``score``
-    is then the fused score and ``rerank_score`` the reranker's own.
+    ``mode="image"``: the reranker's order; each hit's ``score`` is the reranker's.
+    ``mode="hybrid"``: the reranker's scores fused with the hits' ``text_score`` (see the module
+    docstring) using ``search.hybrid_ranker`` / ``search.hybrid_weights`` / ``search.rrf_k``; each
+    hit's ``score`` is then the fused score and ``rerank_score`` the reranker's own. Ties keep the
+    first-stage order; ranks are renumbered from 1; ``retrieval_score`` stays the first stage's.
     """
+    scores = np.asarray(scores, dtype=np.float64)
     if mode != "hybrid":
-        return reranker.rerank(query, hits, k)
-    if not hits:
-        return []
-    scores = np.asarray(reranker.score(query, hits), dtype=np.float64)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=r) for r, i in enumerate(order, start=1)]
     text = [h.text_score for h in hits]
     fused = fuse_legs(scores, text, ranker=search.hybrid_ranker, weights=tuple(search.hybrid_weights), rrf_k=search.rrf_k)
-    order = np.argsort(-fused, kind="stable")[:k]  # ties keep the first-stage order
+    order = np.argsort(-fused, kind="stable")[:k]
     return [dataclasses.replace(hits[int(i)], score=float(fused[i]), rerank_score=float(scores[i]), rank=r)
             for r, i in enumerate(order, start=1)]
 

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from mm_retrieval.devices import resolve_device
 from mm_retrieval.errors import ConfigError, InputError, ModelLoadError, StageError
 
 if TYPE_CHECKING:
@@ -64,6 +65,43 @@ _PROGRESS_MARKERS = ("Start epoch", "Train Epoch", "resume checkpoint", "=> resu
 
 
 @dataclass(frozen=True)
+class EncoderTrainConfig:
+    """Hyper-parameters of :func:`train_encoder`; invalid values raise ConfigError.
+
+    ``mmr train-encoder`` takes its option defaults from ``DEFAULTS``, so the library and the
+    command line train the same way unless told otherwise. Torch-free: ``--help`` shows them cheaply.
+    """
+
+    # Passes over the table: enough for a from-scratch tiny model on a few thousand pairs; a
+    # pretrained start usually needs fewer. A checkpoint is saved after each (``resume``).
+    epochs: int = 10
+    # Pairs per step; in a contrastive loss every other pair of the batch is a negative.
+    batch_size: int = 64
+    # Peak rate (cosine schedule after warm-up), the demo's recipe for models trained from scratch;
+    # fine-tuning pretrained weights wants a much smaller one (~1e-5).
+    lr: float = 1e-3
+    # AdamW weight decay (open_clip_train leaves gains, biases and the logit scale undecayed).
+    wd: float = 0.1
+    # Data-loading processes of open_clip_train.
+    workers: int = 2
+    # Seeds open_clip_train: initial weights and the order of the data.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr >= 0 or not self.wd >= 0:  # `not >=` also rejects NaN
+            raise ConfigError(f"lr and wd must be >= 0, got {self.lr!r} and {self.wd!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers must be an integer >= 0, got {self.workers!r}")
+
+
+DEFAULTS = EncoderTrainConfig()
+
+
+@dataclass(frozen=True)
 class EncoderTrainResult:
     """What :func:`train_encoder` produced.
 
@@ -87,15 +125,15 @@ def train_encoder(
     *,
     model: str = "mmr-tiny",
     pretrained: str | None = None,
-    epochs: int = 5,
-    batch_size: int = 64,
-    lr: float = 5e-4,
+    epochs: int = DEFAULTS.epochs,
+    batch_size: int = DEFAULTS.batch_size,
+    lr: float = DEFAULTS.lr,
     image_size: int | None = None,
-    workers: int = 2,
+    workers: int = DEFAULTS.workers,
     device: str = "auto",
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     warmup: int | None = None,
-    wd: float = 0.1,
+    wd: float = DEFAULTS.wd,
     progress: bool = True,
     extra_args: Sequence[str] = (),
     resume: bool = False,
@@ -112,8 +150,9 @@ def train_encoder(
         pretrained: an open_clip pretrained tag (downloaded; needs internet) or the path of a local
             checkpoint (``.pt``/``.bin``/``.safetensors``, e.g. a previous ``OUT/open_clip_model
             .safetensors``) to start from; ``None`` trains from scratch.
-        epochs, batch_size, lr, wd, workers, seed: passed to open_clip_train. ``batch_size`` is
-            capped at the number of pairs (open_clip_train drops the last partial batch).
+        epochs, batch_size, lr, wd, workers, seed: passed to open_clip_train (defaults and why:
+            :class:`EncoderTrainConfig`). ``batch_size`` is capped at the number of pairs
+            (open_clip_train drops the last partial batch).
         image_size: overrides the architecture's image size (``--force-image-size``).
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
             Mixed precision (``amp``) is used on CUDA, fp32 elsewhere.
@@ -128,20 +167,20 @@ def train_encoder(
     Raises:
         InputError: bad table (missing, unsupported type, no ``caption``/``path`` column, no
             usable rows) or a missing pretrained checkpoint file.
-        ConfigError: unknown model name or pretrained tag, or an invalid model-config file.
+        ConfigError: an invalid hyper-parameter, unknown model name or pretrained tag, an invalid
+            model-config file, or a device that is unknown or unavailable (``cuda`` without CUDA).
         ModelLoadError: pretrained weights could not be downloaded.
         StageError: open_clip_train failed; the message carries the tail of its log.
     """
     started = time.monotonic()
+    EncoderTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, wd=wd, workers=workers, seed=seed)  # ConfigError first
     table = Path(table).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be at least 1 (got {epochs}, {batch_size})")
 
     pairs = load_pairs(table)
     arch, model_arg, config_files = _resolve_model(model)
     pretrained_arg = _resolve_pretrained(pretrained, arch)
-    device = _resolve_device(device)
+    device = resolve_device(device)  # ConfigError now, not a failed subprocess later
 
     work = out_dir / _WORK
     run_dir = work / _RUN_NAME
@@ -346,14 +385,6 @@ def _resolve_pretrained(pretrained: str | None, arch: str) -> str:
         f"unknown pretrained tag {pretrained!r} for {arch}; known tags: "
         f"{', '.join(tags) if tags else '(none)'}. Or pass the path of a local checkpoint."
     )
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run_open_clip_train(

@@ -11,6 +11,8 @@ import pytest
 
 from mm_retrieval.cli import main
 
+pytestmark = pytest.mark.slow  # each suite runs `mmr bench --quick`
+
 TARGET_STATUSES = {"met", "not met", "not measurable here", "not run"}
 
 
@@ -102,6 +104,10 @@ def test_bench_rerank_quick(tmp_path, capsys):
     for lat in rr["latency"].values():
         assert set(lat) >= {"total", "text_encode", "cache_read", "model", "pairs_per_s"}
     positive_times(rr["latency"])
+    once = rr["encode_once"]  # the query encoded once vs twice (issue 13), measured side by side
+    assert once["gain"]["against"].startswith("query encoded once") and once["gain"]["ratio"] > 0
+    assert once["encoded_once"]["n"] == once["encoded_twice"]["n"] > 0
+    positive_times(once)
     peer = next(iter(rr["peer"]["results"].values()))
     assert peer["speedup_vs_blip_itm"]["value"] > 0 and peer["speedup_vs_blip_precomputed"]["value"] > 0
     layouts = rr["cache_layouts"]["layouts"]
@@ -115,7 +121,7 @@ def test_bench_rerank_quick(tmp_path, capsys):
     assert layouts["multi_head"]["per_layer_kv_bytes_per_image"]["tensor"] == 4 * layouts["multi_query"]["per_layer_kv_bytes_per_image"]["tensor"]
 
 
-@pytest.mark.slow  # trains an encoder (open_clip_train in a subprocess) and a reranker: minutes
+@pytest.mark.bench  # trains an encoder (open_clip_train in a subprocess) and a reranker: minutes
 def test_bench_quality_quick(tmp_path, capsys):
     doc, _ = bench(tmp_path, capsys, "--suite", "quality")
     check_common(doc, "quality")

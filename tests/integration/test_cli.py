@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TINY_ARGS = ["--model", "mmr-tiny", "--pretrained", "none"]
 
 
@@ -13,6 +15,7 @@ def mmr(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mm_retrieval", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow  # three `mmr` processes and a decode worker (~25 s on 2 cores)
 def test_index_then_search_json(tmp_path, image_folder):
     (image_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = mmr("index", str(image_folder), *TINY_ARGS, "--workers", "1", "--json", cwd=tmp_path)

@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import make_image
 from mm_retrieval import Pipeline
-from mm_retrieval.models.reranker import Reranker, RerankerConfig
-from mm_retrieval.reranking import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+from tests.helpers import make_image
+
+pytestmark = pytest.mark.slow  # processes against a milvus-lite server
 
 N = 48
 

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole demo in a subprocess: minutes
+
 
 def test_quick_demo_runs_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

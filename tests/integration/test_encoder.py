@@ -195,6 +195,7 @@ def test_text_trim_only_where_exact():
     assert not _trim_exact(model.visual)  # not a CLIP text tower at all
 
 
+@pytest.mark.slow  # starts decode worker processes six times (~40 s on 2 cores)
 def test_cpu_indexing_leaves_cores_to_decode_workers(image_folder):
     """While workers decode, torch runs on (its threads - workers) threads, restored afterwards,
     also when the loop is abandoned; no workers or an explicit index_threads behave as configured."""

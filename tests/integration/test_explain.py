@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_image
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import ConfigError, InputError
 from mm_retrieval.explain import attention_maps, render_grid
-from mm_retrieval.models.reranker import Reranker, RerankerConfig
-from mm_retrieval.reranking import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+from tests.helpers import TINY, make_image
 
 
 @pytest.fixture
@@ -64,9 +64,41 @@ def test_cli_writes_png(setup, tmp_path):
     db, ck, folder = setup
     out = tmp_path / "e.png"
     run = subprocess.run([sys.executable, "-m", "mm_retrieval", "explain", "a red picture", str(folder / "red.png") if (folder / "red.png").exists() else str(folder / "nested" / "red.png"),
-                          "--db", db, "--rerank", str(ck), "-o", str(out), "--head", "1", "--json"],
+                          "--db", db, "--rerank", str(ck), "-o", str(out), "--head", "1", "--layer", "0", "--json"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
     assert doc["words"] == ["a", "red", "picture"] and doc["png"] == str(out)
+    assert (doc["layers"], doc["heads"]) == (2, 2)
     assert Image.open(out).format == "PNG"
+
+
+def test_one_layer_one_head_or_the_means(setup):
+    db, ck, folder = setup
+    ex = attention_maps(Pipeline(db=db, reranker=str(ck)), "a red picture", folder / "blue.png")
+    full = ex.attention.maps  # [layers, heads, words, gh, gw]
+    assert full.shape == (2, 2, 3, 8, 8) and (ex.layers, ex.heads) == (2, 2)
+    np.testing.assert_allclose(ex.maps, full.mean(axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(ex.head_maps, full.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(ex.grid(layer=1), full[1].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(ex.grid(layer=0, head=1), full[0, 1], atol=1e-6)
+    assert not np.allclose(ex.grid(layer=0), ex.grid(layer=1))  # the layers attend differently
+    with pytest.raises(InputError, match=r"--layer 2: the reranker has 2 layers \(0..1\)"):
+        ex.grid(layer=2)
+    with pytest.raises(InputError, match="--head -1"):
+        ex.grid(head=-1)
+
+
+def test_a_reranker_that_cannot_explain_is_named(setup, tmp_path):
+    from mm_retrieval.stages.base import Reranker as RerankerStage
+
+    class FirstStageOrder(RerankerStage):
+        def score(self, query, hits):
+            return np.array([h.retrieval_score for h in hits])
+
+        def token_writer(self):
+            return None
+
+    db, _, folder = setup
+    with pytest.raises(ConfigError, match="cannot show what it attended to"):
+        attention_maps(Pipeline(db=db, reranker=FirstStageOrder()), "green", folder / "blue.png")

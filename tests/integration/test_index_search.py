@@ -6,9 +6,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import COLORS, TINY, make_image
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import IncompatibleError, InputError
+from tests.helpers import COLORS, TINY, make_image
 
 
 def _ids(pipe):
@@ -115,7 +115,7 @@ def test_bad_queries(tiny_pipeline, query):
 
 def test_bad_filter_is_an_input_error(tiny_pipeline, image_folder):
     tiny_pipeline.index(image_folder, progress=False)
-    with pytest.raises(InputError, match="invalid --filter"):
+    with pytest.raises(InputError, match="invalid filter expression"):
         tiny_pipeline.search("red", filter='metadata["year"] >>> 3')
 
 

@@ -2,11 +2,12 @@
 
 import pytest
 
-from conftest import COLORS, TINY, free_port
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import StoreError
+from tests.helpers import COLORS, TINY, free_port
 
 
+@pytest.mark.slow  # starts a milvus-lite server
 def test_index_and_search_over_grpc(milvus_server, image_folder):
     pipe = Pipeline(db=milvus_server, collection="server_test", encoder={**TINY, "workers": 0})
     report = pipe.index(image_folder, progress=False)

@@ -4,11 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import COLORS, TINY, make_image
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import InputError
-from mm_retrieval.models.reranker import Reranker, RerankerConfig
-from mm_retrieval.reranking import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+from tests.helpers import COLORS, TINY, make_image
 
 ENC = {**TINY, "workers": 0}
 
@@ -57,6 +57,8 @@ def test_image_queries(mixed):
     probe = root / "img" / "green.png"
     res = pipe.search(image=str(probe), mode="image", k=3)
     assert res.hits[0].path == str(probe) and res.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    auto = pipe.search(image=str(probe), k=3)  # auto, on a captioned collection: similar images
+    assert auto.mode == "image" and [h.id for h in auto.hits] == [h.id for h in res.hits]
     by_id = pipe.search(image_id=res.hits[0].id, mode="image", k=3)
     assert [h.id for h in by_id.hits] == [h.id for h in res.hits]
     assert pipe.search(image=probe.read_bytes(), mode="image", k=1).hits[0].id == res.hits[0].id

@@ -27,10 +27,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import COLORS, TINY, make_image
 from mm_retrieval import Pipeline
 from mm_retrieval.errors import InputError, ModelLoadError
-from mm_retrieval.reranking.checkpoint import META_FILE, WEIGHTS_FILE, load_reranker, save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.checkpoint import META_FILE, WEIGHTS_FILE, load_reranker, save_reranker
+from tests.helpers import COLORS, TINY, make_image
 
 REFUSED = (ModelLoadError, InputError)
 
@@ -219,7 +219,7 @@ def test_garbage_safetensors_pretrained_is_refused(tmp_path, garbage):
 
 
 def _reranker_dir(d: Path, fingerprint: str = "enc-fp") -> Path:
-    from mm_retrieval.models.reranker import Reranker, RerankerConfig
+    from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
 
     cfg = RerankerConfig(text_dim=32, image_dim=48, width=32, depth=1, heads=2, kv_heads=1, memory_dim=16)
     save_reranker(Reranker(cfg), d, encoder_fingerprint=fingerprint)

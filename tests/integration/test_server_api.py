@@ -11,7 +11,7 @@ import pytest
 
 from mm_retrieval.backfill import cache_info
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, make_image, serve_demo
+from mm_retrieval.server.testing import make_image
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -20,10 +20,8 @@ QUERY = "a red picture"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("served"))
-    with serve_demo(None, CONFIG, demo=demo) as (server, demo):
-        yield server, demo
+def server_config():
+    return CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def _png_dir(tmp_path_factory):
 
 
 def _state(reference):
-    return reference.store.count(), [(c["fingerprint"], c["items"]) for c in cache_info(reference)]
+    return reference.store.count(), [(c["fingerprint"], c["items"]) for c in cache_info(reference.store)]
 
 
 # ---- health ---------------------------------------------------------------------------------

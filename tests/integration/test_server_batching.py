@@ -10,7 +10,7 @@ import pytest
 
 from mm_retrieval.server import ServerConfig
 from mm_retrieval.server.batcher import DynamicBatcher, QueueFull
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
+from mm_retrieval.server.testing import serve_demo
 
 QUERIES = ["a red picture", "blue", "something green", "yellow and black", "a purple square", "white", "orange", "dark"]
 
@@ -93,12 +93,7 @@ def test_a_full_queue_refuses_instead_of_growing():
 
 
 # ---- through the server ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_collection(tmp_path_factory.mktemp("batching"))
-
-
-def _concurrent(url, demo, n=len(QUERIES)):
+def _concurrent(url, demo, n=len(QUERIES), documents=None):
     """n rerank requests at once (one thread each); returns each request's results."""
     results = [None] * n
     barrier = threading.Barrier(n)
@@ -106,7 +101,8 @@ def _concurrent(url, demo, n=len(QUERIES)):
     def one(i):
         with httpx.Client(base_url=url, timeout=60) as c:
             barrier.wait()
-            results[i] = c.post("/v1/rerank", json={"query": QUERIES[i], "documents": demo.paths}).json()["results"]
+            docs = documents if documents is not None else demo.paths
+            results[i] = c.post("/v1/rerank", json={"query": QUERIES[i], "documents": docs}).json()["results"]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -128,6 +124,25 @@ def test_concurrent_requests_share_forwards_and_match_lone_requests(demo):
                 assert [r["relevance_score"] for r in got] == pytest.approx([r["relevance_score"] for r in alone], abs=1e-4)
 
 
+def test_inline_images_batched_with_indexed_ones_match_lone_requests(demo, tmp_path):
+    import base64
+
+    from mm_retrieval.testing.images import make_image
+
+    new = [make_image(tmp_path / f"new{i}.png", rgb, seed=100 + i) for i, rgb in enumerate([(200, 40, 40), (40, 40, 200)])]
+    docs = demo.paths[:3] + ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in new]
+    n = 4
+    with serve_demo(None, ServerConfig(batch_wait_ms=200), demo=demo) as (server, _):
+        together = _concurrent(server.url, demo, n=n, documents=docs)
+        assert httpx.get(f"{server.url}/readyz").json()["batching"]["largest_batch"] > 1
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for q, got in zip(QUERIES[:n], together):
+                alone = c.post("/v1/rerank", json={"query": q, "documents": docs}).json()["results"]
+                assert sorted(r["index"] for r in got) == list(range(len(docs)))
+                by_index = {r["index"]: r["relevance_score"] for r in alone}
+                assert [r["relevance_score"] for r in got] == pytest.approx([by_index[r["index"]] for r in got], abs=1e-4)
+
+
 def test_max_batch_1_runs_requests_one_by_one(demo):
     with serve_demo(None, ServerConfig(max_batch_requests=1), demo=demo) as (server, _):
         _concurrent(server.url, demo, n=4)
@@ -135,7 +150,7 @@ def test_max_batch_1_runs_requests_one_by_one(demo):
         assert stats["largest_batch"] == 1 and stats["batches"] == stats["jobs"] == 4
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_batching_throughput_benchmark():
     """benchmarks/server_batching.py, shortened: batches form under load, and batching does not
     collapse throughput. (The speedup itself is reported, not asserted: on a shared 2-core

@@ -4,7 +4,6 @@ a rerank as its very first request, and a clean exit on SIGTERM."""
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,7 @@ import time
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +23,9 @@ def demo_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a demo collection built in a child, then `mmr serve` as a process
 def test_mmr_serve_process(demo_root):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MMR_API_KEY": "cli-key"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mm_retrieval", "serve", "--db", str(demo_root / "mmr.db"), "--rerank", str(demo_root / "reranker"),
@@ -72,6 +68,6 @@ def test_mmr_serve_process(demo_root):
 def test_mmr_serve_refuses_a_missing_collection_with_one_line(tmp_path, capsys):
     from mm_retrieval.cli import main
 
-    assert main(["serve", "--db", str(tmp_path / "none.db"), "--port", str(_free_port())]) == 2  # before any port is bound
+    assert main(["serve", "--db", str(tmp_path / "none.db"), "--port", str(free_port())]) == 2  # before any port is bound
     err = capsys.readouterr().err
     assert "does not exist" in err and "mmr index" in err

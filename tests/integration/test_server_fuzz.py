@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
+
+pytestmark = pytest.mark.slow  # hundreds of generated requests
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,10 +27,8 @@ FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("fuzz"))
-    with serve_demo(None, CONFIG, demo=demo) as (server, demo):
-        yield server, demo
+def server_config():
+    return CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def _state(demo):
     from mm_retrieval.backfill import cache_info
 
     pipe = demo.pipeline(rerank=False)
-    return pipe.store.count(), sorted(c["items"] for c in cache_info(pipe))
+    return pipe.store.count(), sorted(c["items"] for c in cache_info(pipe.store))
 
 
 def _check(res: httpx.Response):

@@ -21,7 +21,7 @@ from mm_retrieval.server import ServerConfig
 from mm_retrieval.server.app import create_app
 from mm_retrieval.server.background import BackgroundServer
 from mm_retrieval.server.engine import Engine
-from mm_retrieval.server.testing import TINY_ENCODER, make_demo_collection, make_image, serve_demo
+from mm_retrieval.server.testing import TINY_ENCODER, make_image, serve_demo
 
 KEY = "web-key"
 AUTH = {"X-API-Key": KEY}
@@ -30,10 +30,8 @@ QUERY = "a red picture"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("web"))
-    with serve_demo(None, CONFIG, demo=demo) as (server, demo):
-        yield server, demo
+def server_config():
+    return CONFIG
 
 
 @pytest.fixture(scope="module")

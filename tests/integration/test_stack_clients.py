@@ -6,17 +6,9 @@ import os
 
 import pytest
 
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
-
 QUERY = "a red picture"
 os.environ["HAYSTACK_TELEMETRY_ENABLED"] = "False"  # tests talk to 127.0.0.1 only
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("clients"))
-    with serve_demo(None, demo=demo) as (server, demo):  # no API key: pymilvus' TEI function can't send one
-        yield server, demo
+# `served` (conftest.py) starts without an API key, its default: pymilvus' TEI function can't send one.
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,13 @@ import pytest
 from pymilvus import Function, FunctionType
 
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
 
 KEY = "milvus-calls-us"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("milvus"))
-    with serve_demo(None, ServerConfig(api_key=KEY), demo=demo) as (server, demo):
-        yield server, demo
+def server_config():
+    return ServerConfig(api_key=KEY)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from conftest import COLORS, TINY, make_image
 from mm_retrieval import Pipeline
 from mm_retrieval.tokencache import caches_in, open_existing
+from tests.helpers import COLORS, TINY, make_image
 
 
 def _paths(pipe):
@@ -57,3 +57,24 @@ def test_sync_cli_dry_run_json(tmp_path, image_folder):
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)["plan"]
     assert plan["remove"] == [str(image_folder / "green.png")] and plan["add"] == []
+
+
+def test_dry_run_reports_entries_it_cannot_use(tmp_path, image_folder):
+    """A table row naming a missing file and a row with neither path nor text are in the dry
+    run's report, as in the real run's (the source finds its problems while it is read)."""
+    pipe = Pipeline(db=str(tmp_path / "mmr.db"), encoder={**TINY, "workers": 0})
+    pipe.index(image_folder, progress=False)
+    table = image_folder / "list.csv"
+    table.write_text("path,caption\ngreen.png,a green one\ngone.png,a file that is not there\n,\n")
+    gone = str(image_folder / "gone.png")
+
+    dry = pipe.sync(table, dry_run=True)
+    reasons = {f.path: f.error for f in dry.failed}
+    assert "No such file" in reasons.pop(gone)
+    assert list(reasons.values()) == ["row has neither a path nor text; skipped"]
+    assert dry.plan["add"] == [] and dry.plan["check"] == [str(image_folder / "green.png")]  # its caption is new
+    assert dry.to_dict()["skipped"] == 2  # `mmr sync --dry-run --json` shows them
+
+    real = pipe.sync(table, progress=False)
+    assert [(f.path, f.error) for f in real.failed] == [(f.path, f.error) for f in dry.failed]
+    assert real.indexed == 0 and real.removed == len(COLORS) - 1  # only green.png is listed

@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import click
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ import open_clip
 from mm_retrieval.errors import ConfigError, InputError, ModelLoadError, StageError
 from mm_retrieval.models.tiny import CONFIG_DIR, register_tiny_configs
 from mm_retrieval.training import EncoderTrainResult, train_encoder
+from mm_retrieval.training.encoder import EncoderTrainConfig
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
@@ -65,6 +67,7 @@ def trained(data_dir, tmp_path_factory) -> tuple[EncoderTrainResult, Path]:
     return result, out
 
 
+@pytest.mark.slow  # open_clip_train in a subprocess
 def test_output_dir_has_the_contract_files(trained, data_dir):
     result, out = trained
     assert result.out_dir == out.resolve()
@@ -98,6 +101,7 @@ def test_skipped_rows_are_reported(data_dir, caplog):
     assert "skipped 2 of 66 rows whose image file is missing" in caplog.text
 
 
+@pytest.mark.slow  # open_clip_train in a subprocess
 def test_loss_is_reported_and_went_down(trained):
     # Deterministic for a given seed (fixed at 0); the drop is far larger than any
     # platform-dependent rounding (seeds 1-3 gave drops of 0.30-0.69 over these two epochs).
@@ -107,6 +111,7 @@ def test_loss_is_reported_and_went_down(trained):
     assert result.epoch_losses[-1] < result.epoch_losses[0]
 
 
+@pytest.mark.slow  # open_clip_train in a subprocess
 def test_local_dir_loads_and_matches_the_raw_checkpoint(trained, data_dir):
     _, out = trained
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
@@ -128,6 +133,7 @@ def test_local_dir_loads_and_matches_the_raw_checkpoint(trained, data_dir):
     assert torch.equal(model.logit_scale, reference.logit_scale)
 
 
+@pytest.mark.slow  # open_clip_train in a subprocess
 def test_model_config_json_parquet_table_and_image_size(data_dir, tmp_path):
     config = tmp_path / "my-net.json"
     shutil.copyfile(CONFIG_DIR / "mmr-tiny.json", config)
@@ -151,7 +157,35 @@ def test_model_config_json_parquet_table_and_image_size(data_dir, tmp_path):
         assert model.encode_image(image).shape == (1, 64)
 
 
+def test_cli_and_function_share_one_set_of_defaults():
+    # `mmr train-encoder` with no options trains exactly as train_encoder() does.
+    import dataclasses
+    import inspect
+
+    from mm_retrieval.cli import cli
+
+    signature = inspect.signature(train_encoder).parameters
+    command = cli.commands["train-encoder"]
+    options = {p.name: p.default for p in command.params}
+    recipe = EncoderTrainConfig()
+    for field in dataclasses.fields(EncoderTrainConfig):
+        default = getattr(recipe, field.name)
+        assert signature[field.name].default == default, field.name
+        if field.name in options:  # wd is the library's only
+            assert options[field.name] == default, field.name
+    assert (recipe.epochs, recipe.lr) == (10, 1e-3)  # the command line's values won
+    # every option of the command says what it does
+    assert [p.name for p in command.params if isinstance(p, click.Option) and not p.help] == []
+
+
 # --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=-1), dict(lr=float("nan")), dict(workers=-1)])
+def test_invalid_hyper_parameters_fail_before_any_work(data_dir, tmp_path, bad):
+    with pytest.raises(ConfigError, match=f"{next(iter(bad))}"):
+        train_encoder(data_dir / "pairs.csv", tmp_path / "out", **bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_table(tmp_path):
@@ -201,6 +235,12 @@ def test_unknown_pretrained_tag(data_dir, tmp_path):
         train_encoder(data_dir / "pairs.csv", tmp_path / "out", pretrained="laion2b")
 
 
+def test_unknown_device_fails_before_training(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; use auto, cpu, cuda or cuda:N"):
+        train_encoder(data_dir / "pairs.csv", tmp_path / "out", device="tpu")
+    assert not (tmp_path / "out").exists()  # nothing written, no trainer started
+
+
 def test_missing_pretrained_checkpoint(data_dir, tmp_path):
     with pytest.raises(InputError, match="pretrained checkpoint not found"):
         train_encoder(data_dir / "pairs.csv", tmp_path / "out", pretrained=str(tmp_path / "w.pt"))
@@ -218,6 +258,7 @@ def test_pretrained_tag_offline_says_to_pass_a_local_checkpoint(data_dir, tmp_pa
     assert "--pretrained PATH" in str(info.value)
 
 
+@pytest.mark.slow  # open_clip_train in a subprocess
 def test_trainer_failure_raises_stage_error_with_its_log(data_dir, tmp_path):
     with pytest.raises(StageError, match="open_clip_train failed") as info:
         train_encoder(data_dir / "pairs.csv", tmp_path / "out", extra_args=["--no-such-flag"], **FAST)

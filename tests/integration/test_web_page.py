@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
+from mm_retrieval.server.testing import serve_demo
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 KEY = "page-key"
 QUERY = "a red picture"
@@ -59,19 +59,18 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_collection(tmp_path_factory.mktemp("page"))
+def server_config():
+    return ServerConfig(api_key=KEY)
 
 
 @pytest.fixture(scope="module")
-def served(demo):
-    with serve_demo(None, ServerConfig(api_key=KEY), demo=demo) as (server, demo):
-        yield server
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
-def api(served):
-    with httpx.Client(base_url=served.url, headers={"X-API-Key": KEY}, timeout=60) as c:
+def api(server):
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as c:
         yield lambda **body: c.post("/search", json=body).json()
 
 
@@ -141,10 +140,10 @@ def thumbnails_loaded(driver) -> bool:
 
 
 # ---- tests ----------------------------------------------------------------------------------
-def test_the_page_asks_for_the_api_key_then_works(browser, served):
-    browser.get(served.url + "/")
+def test_the_page_asks_for_the_api_key_then_works(browser, server):
+    browser.get(server.url + "/")
     browser.execute_script("sessionStorage.clear()")
-    browser.get(served.url + "/")
+    browser.get(server.url + "/")
     wait(browser, lambda d: el(d, "#key-box").is_displayed(), "the API key box")
     assert "API key needed (HTTP 401)" in el(browser, "#error").text
     el(browser, "#api-key").send_keys(KEY)
@@ -153,12 +152,12 @@ def test_the_page_asks_for_the_api_key_then_works(browser, served):
     assert not el(browser, "#key-box").is_displayed() and not el(browser, "#error").is_displayed()
 
 
-def test_search_rerank_toggle_and_paging(browser, served, api):
+def test_search_rerank_toggle_and_paging(browser, server, api):
     reranked = api(query=QUERY, k=PER_PAGE, candidates=100, rerank=True)
     first_stage = api(query=QUERY, k=PER_PAGE, candidates=100, rerank=False)
     assert ids(reranked) != ids(first_stage), "fixture: the demo reranker must reorder this query's first page"
 
-    open_page(browser, served)
+    open_page(browser, server)
     search_for(browser, QUERY)
     wait_cards(browser, ids(reranked), "the reranked first page")
     assert [r for r, _ in cards(browser)] == [1, 2, 3, 4]
@@ -189,9 +188,9 @@ def test_search_rerank_toggle_and_paging(browser, served, api):
     assert not el(browser, "#prev").is_enabled()
 
 
-def test_heatmap_for_the_whole_query_a_word_and_a_head(browser, served, api):
+def test_heatmap_for_the_whole_query_a_word_and_a_head(browser, server, api):
     top = api(query=QUERY, k=PER_PAGE, candidates=100)["hits"][0]
-    open_page(browser, served)
+    open_page(browser, server)
     search_for(browser, QUERY)
     wait_cards(browser, [h["id"] for h in api(query=QUERY, k=PER_PAGE, candidates=100)["hits"]], "results")
     el(browser, "#results .card").click()
@@ -208,7 +207,7 @@ def test_heatmap_for_the_whole_query_a_word_and_a_head(browser, served, api):
     red = browser.execute_script("return document.getElementById('heatmap').toDataURL()")
     assert red != whole
     # the drawing is the server's map: the patch the word attends to most is drawn bright, the least dark
-    ex = httpx.post(f"{served.url}/explain", json={"query": QUERY, "id": top["id"]}, headers={"X-API-Key": KEY}, timeout=30).json()
+    ex = httpx.post(f"{server.url}/explain", json={"query": QUERY, "id": top["id"]}, headers={"X-API-Key": KEY}, timeout=30).json()
     brightest, darkest = _patch_luminance(browser, ex["maps"][ex["words"].index("red")], ex["grid"])
     assert brightest > darkest + 100, (brightest, darkest)
     shot(browser, "4-heatmap-word-red")
@@ -242,15 +241,15 @@ def _patch_luminance(driver, grid_map, grid) -> tuple[float, float]:
         return 0.299 * R + 0.587 * G + 0.114 * B;""", rows, cols, i) for i in (hi, lo))
 
 
-def test_errors_from_the_server_are_shown(browser, served):
+def test_errors_from_the_server_are_shown(browser, server):
     from selenium.webdriver.common.keys import Keys
 
-    open_page(browser, served)
+    open_page(browser, server)
     retype(el(browser, "#filter"), "path ===")
     search_for(browser, QUERY)
     wait(browser, lambda d: el(d, "#error").is_displayed(), "the error box")
     text = el(browser, "#error").text
-    assert "HTTP 400" in text and "invalid --filter expression" in text
+    assert "HTTP 400" in text and "invalid filter expression 'path ==='" in text and "--filter" not in text
     assert cards(browser) == []
     shot(browser, "6-filter-error")
     retype(el(browser, "#filter"), 'path like "%red.png"', Keys.ENTER)
@@ -261,10 +260,10 @@ def test_errors_from_the_server_are_shown(browser, served):
     wait(browser, lambda d: "query is empty" in el(d, "#error").text, "the empty-query error")
 
 
-def test_search_by_uploaded_image_and_find_similar(browser, served, api, demo):
+def test_search_by_uploaded_image_and_find_similar(browser, server, api, demo):
     blue = demo.paths[2]
     want = api(image=base64.b64encode(Path(blue).read_bytes()).decode(), k=PER_PAGE)
-    open_page(browser, served)
+    open_page(browser, server)
     retype(el(browser, "#per-page"), str(PER_PAGE))
     upload = el(browser, "#image-file")
     browser.execute_script("arguments[0].hidden = false", upload)  # the label hides the native control

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mm_retrieval.config import PipelineConfig, SearchConfig, StageSpec, config_from_dict, config_to_dict, merge
+from mm_retrieval.config import PipelineConfig, SearchConfig, StageSpec, config_from_dict, config_to_dict
 from mm_retrieval.errors import ConfigError
 from mm_retrieval.stages.encoders.open_clip import OpenClipConfig
 from mm_retrieval.stages.stores.milvus import MilvusConfig
@@ -28,10 +28,12 @@ def test_round_trip_and_int_accepted_for_float():
     assert config_from_dict(MilvusConfig, config_to_dict(cfg)) == cfg
 
 
-def test_merge_prunes_none_so_unset_flags_keep_file_values():
-    cfg = OpenClipConfig(model="file-model", batch_size=8)
-    out = merge(cfg, {"model": None, "batch_size": 0})
-    assert out.model == "file-model" and out.batch_size == 0  # 0 is a value, not "unset"
+def test_stage_overrides_prune_none_so_unset_flags_keep_file_values():
+    from mm_retrieval.stages.encoders.open_clip import OpenClipEncoder
+
+    enc = OpenClipEncoder(OpenClipConfig(model="file-model", batch_size=8), model=None, batch_size=0)
+    assert enc.config.model == "file-model" and enc.config.batch_size == 0  # 0 is a value, not "unset"
+    assert StageSpec("encoder", "open_clip", {"model": "m"}).with_params({"model": None, "seed": 0}).params == {"model": "m", "seed": 0}
 
 
 def test_pipeline_file_and_precedence(tmp_path):

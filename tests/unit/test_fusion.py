@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mm_retrieval.errors import InputError
-from mm_retrieval.stages.fusion import fuse_legs, rerank_hits
+from mm_retrieval.stages.fusion import apply_rerank_scores, fuse_legs
 from mm_retrieval.types import Hit
 
 
@@ -42,30 +42,18 @@ def test_bad_input_is_named():
         fuse_legs(np.zeros(2), [None])
 
 
-class _FixedReranker:
-    """Scores are given per id: enough to check how rerank_hits orders and labels hits."""
-
-    def __init__(self, scores):
-        self.scores = scores
-
-    def score(self, query, hits):
-        return np.array([self.scores[h.id] for h in hits])
-
-    def rerank(self, query, hits, k):
-        order = sorted(hits, key=lambda h: -self.scores[h.id])[:k]
-        return [Hit(h.id, h.path, self.scores[h.id], h.retrieval_score, rank=r) for r, h in enumerate(order, 1)]
-
-
 def _hits():
     return [Hit("a", "a.png", 0.03, 0.03, rank=1, image_score=0.1, text_score=0.9),
             Hit("b", "b.png", 0.02, 0.02, rank=2, image_score=0.8, text_score=0.2),
             Hit("c", "c.png", 0.01, 0.01, rank=3, image_score=0.5)]
 
 
+SEARCH = SimpleNamespace(hybrid_ranker="rrf", hybrid_weights=[0.5, 0.5], rrf_k=60)
+
+
 def test_hybrid_rerank_keeps_text_evidence():
-    search = SimpleNamespace(hybrid_ranker="rrf", hybrid_weights=[0.5, 0.5], rrf_k=60)
-    reranker = _FixedReranker({"a": 2.0, "b": 5.0, "c": 4.0})  # image leg: b, c, a; text leg: a, b
-    out = rerank_hits(reranker, "q", _hits(), 3, mode="hybrid", search=search)
+    # the reranker's scores: image leg b, c, a; text leg a, b
+    out = apply_rerank_scores(_hits(), [2.0, 5.0, 4.0], 3, mode="hybrid", search=SEARCH)
     assert [h.id for h in out] == ["b", "a", "c"]  # b: 1/61 + 1/62; a: 1/63 + 1/61; c: 1/62
     assert [h.rank for h in out] == [1, 2, 3]
     assert [h.rerank_score for h in out] == [5.0, 2.0, 4.0]
@@ -75,6 +63,11 @@ def test_hybrid_rerank_keeps_text_evidence():
 
 
 def test_image_mode_is_the_reranker_order():
-    search = SimpleNamespace(hybrid_ranker="rrf", hybrid_weights=[0.5, 0.5], rrf_k=60)
-    out = rerank_hits(_FixedReranker({"a": 2.0, "b": 5.0, "c": 4.0}), "q", _hits(), 2, mode="image", search=search)
-    assert [h.id for h in out] == ["b", "c"] and out[0].rerank_score is None
+    out = apply_rerank_scores(_hits(), [2.0, 5.0, 4.0], 2, mode="image", search=SEARCH)
+    assert [h.id for h in out] == ["b", "c"] and [h.score for h in out] == [5.0, 4.0]
+    assert [h.rank for h in out] == [1, 2] and out[0].rerank_score is None and out[0].retrieval_score == 0.02
+
+
+def test_ties_keep_the_first_stage_order():
+    out = apply_rerank_scores(_hits(), [1.0, 1.0, 1.0], 3, mode="image", search=SEARCH)
+    assert [h.id for h in out] == ["a", "b", "c"]

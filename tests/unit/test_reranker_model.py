@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mm_retrieval.errors import ConfigError, IncompatibleError, InputError, ModelLoadError
-from mm_retrieval.models.reranker import CrossAttention, Reranker, RerankerConfig
-from mm_retrieval.reranking.checkpoint import RERANKER_FORMAT, load_reranker, save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.checkpoint import RERANKER_FORMAT, load_reranker, save_reranker
+from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttention, Reranker, RerankerConfig
 
 DT, DI, P = 8, 12, 5  # tiny text width, image width, patches
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...pipeline import MAX_CANDIDATES
+from ...search import MAX_CANDIDATES
 from ..documents import check_text, image_from_base64
 from ..engine import Engine
 
@@ -31,9 +31,11 @@ class SearchRequest(BaseModel):
     offset: int = Field(0, ge=0, lt=MAX_CANDIDATES, description="Skip this many hits (paging): ranks offset+1 .. offset+k.")
     candidates: Optional[int] = Field(None, ge=1, le=MAX_CANDIDATES, description="First-stage candidates the reranker rescores (default 100).")
     filter: str = Field("", max_length=MAX_FILTER_CHARS, description='Milvus boolean expression, e.g. metadata["year"] >= 2020.')
-    rerank: Optional[bool] = Field(None, description="false: first stage only; default: rerank when the server has a reranker.")
+    rerank: Optional[bool] = Field(None, description="false: first stage only; default: rerank when the server has a reranker and it "
+                                                     "applies (a text query, image or hybrid mode); true: insist (422 saying why when it can't).")
     mode: Optional[Literal["auto", "image", "text", "hybrid"]] = Field(
-        None, description="Search image vectors, the items' text vectors, or both fused (default auto: hybrid when there are text vectors).")
+        None, description="Search image vectors, the items' text vectors, or both fused. Default auto: a text query searches both (hybrid) "
+                          "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images).")
 
 
 class SearchHit(BaseModel):

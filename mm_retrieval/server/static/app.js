@@ -122,7 +122,9 @@ function buildRequest() {
   else body.image = state.imageQuery.image;
   body.k = intValue($("per-page"), 24);
   body.candidates = intValue($("candidates"), 100);
-  body.rerank = Boolean(state.info && state.info.reranker && $("rerank").checked);
+  // Ticked: the server's default, reranking where it applies (an explicit `rerank: true` is refused
+  // for what the reranker can't score: image queries, text mode). Unticked: first stage only.
+  if (!(state.info && state.info.reranker && $("rerank").checked)) body.rerank = false;
   if (!$("mode-label").hidden && $("mode").value !== "auto") body.mode = $("mode").value;
   const filter = $("filter").value.trim();
   if (filter) body.filter = filter;
@@ -172,7 +174,7 @@ function render(doc, body) {
   let how = "first stage only";
   if (doc.reranked) how = "reranked";
   else if (body.query === undefined && state.info.reranker) how += " (image queries are not reranked)";
-  else if (state.info.reranker && !body.rerank) how += " (rerank off)";
+  else if (state.info.reranker && body.rerank === false) how += " (rerank off)";
   const ms = doc.timings_ms && doc.timings_ms.total !== undefined ? ` · ${Math.round(doc.timings_ms.total)} ms` : "";
   $("status").textContent = hits.length
     ? `Results ${first}–${first + hits.length - 1} · ${how} · mode ${doc.mode}${ms}`
@@ -450,7 +452,7 @@ function saveHash(body, page) {
   p.set("page", page);
   p.set("k", body.k);
   p.set("candidates", body.candidates);
-  p.set("rerank", body.rerank ? "1" : "0");
+  p.set("rerank", body.rerank === false ? "0" : "1");
   if (body.mode) p.set("mode", body.mode);
   if (body.filter) p.set("filter", body.filter);
   history.replaceState(null, "", "#" + p.toString());

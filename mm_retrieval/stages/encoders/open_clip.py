@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...decode import DEFAULT_MAX_PIXELS
+from ...devices import resolve_device
 from ...errors import ConfigError, ModelLoadError
 from ...registry import register
 from ..base import Encoder
@@ -50,19 +51,6 @@ class OpenClipConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     cache_dir: str | None = None  # where downloaded weights go (open_clip's default when unset)
     seed: int = 0  # makes random-init weights reproducible across processes
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; a CUDA request without CUDA is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -193,7 +181,13 @@ class OpenClipEncoder(Encoder):
         self._text_ln = _text_final_norm(model)
         self._trim_text = _trim_exact(model) and self._trim_agrees()
         with torch.inference_mode():
-            self.dim = int(model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
+            self._dim = int(model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
+
+    @property
+    def dim(self) -> int:
+        """The embedding width (known once the model is loaded)."""
+        self.warm_up()
+        return self._dim
 
     def _pick_precision(self, torch):
         p = self.config.precision

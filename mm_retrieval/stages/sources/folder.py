@@ -32,7 +32,7 @@ class FolderSource(Source):
         if not root.is_dir():
             raise InputError(f"not a folder: {root}")
         root = root.resolve()
-        self._problems = []
+        self._problems = []  # this run's
         found: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(root, onerror=self._on_error):
             if not self.config.include_hidden:
@@ -47,4 +47,4 @@ class FolderSource(Source):
             yield Record(path=p)
 
     def _on_error(self, e: OSError) -> None:
-        self._problems.append((str(e.filename), f"cannot list folder: {e.strerror or e}"))
+        self._problem(str(e.filename), f"cannot list folder: {e.strerror or e}")

@@ -34,6 +34,7 @@ class TableSource(Source):
     def records(self) -> Iterator[Record]:
         table = Path(self.config.path).expanduser().resolve()
         df = read_table(table)
+        self._problems = []  # this run's
         cap = self.config.caption_column
         text_cols = list(self.config.text_columns) or ([cap] if cap in df.columns else [])
         unknown = [c for c in text_cols if c not in df.columns]
@@ -50,7 +51,7 @@ class TableSource(Source):
             text = ". ".join(parts) or None
             if path_cell is None or not str(path_cell).strip():
                 if text is None:
-                    self._problems = [*self.problems, (f"{table} (a row)", "row has neither a path nor text; skipped")]
+                    self._problem(f"{table} (a row)", "row has neither a path nor text; skipped")
                     continue
                 path = None
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,10 @@ class MilvusStore(Store):
         return self.config.collection
 
     @property
+    def metric(self) -> str:
+        return self.config.metric.upper()
+
+    @property
     def local_path(self) -> Path | None:
         """The Milvus Lite file, or None for a server URI."""
         return Path(self.config.uri).expanduser().resolve() if is_local_uri(self.config.uri) else None
@@ -124,6 +129,12 @@ class MilvusStore(Store):
         from ...tokencache import cache_root
 
         return cache_root(self.config.uri, self.name)
+
+    @property
+    def _milvus(self) -> Any:
+        """The connected ``MilvusClient``: connects on first use, and again after :meth:`close`."""
+        self.warm_up()
+        return self.client
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -135,14 +146,15 @@ class MilvusStore(Store):
 
     # ---- collection lifecycle --------------------------------------------------------------
     def exists(self) -> bool:
+        """Whether the collection exists (asks Milvus every time: another process may drop it)."""
         self.warm_up()
-        return bool(self._call("has_collection", self.client.has_collection, self.name))
+        return bool(self._call("has_collection", self._milvus.has_collection, self.name))
 
     def encoder_info(self) -> dict[str, Any] | None:
         """What the collection recorded about the encoder that built it (None if absent)."""
         if not self.exists():
             return None
-        desc = self._call("describe_collection", self.client.describe_collection, self.name)
+        desc = self._call("describe_collection", self._milvus.describe_collection, self.name)
         raw = (desc.get("properties") or {}).get(ENCODER_PROPERTY)
         return json.loads(raw) if raw else None
 
@@ -188,7 +200,7 @@ class MilvusStore(Store):
         # size + mtime let a re-run skip unchanged files without reading them
         schema.add_field("file_size", DataType.INT64)
         schema.add_field("mtime_ns", DataType.INT64)
-        index = self.client.prepare_index_params()
+        index = self._milvus.prepare_index_params()
         for vector_field in ("vector", "text_vector"):
             index.add_index(
                 field_name=vector_field, index_type=self.config.index_type, metric_type=self.config.metric,
@@ -196,16 +208,16 @@ class MilvusStore(Store):
             )
         props = {ENCODER_PROPERTY: json.dumps(encoder_info, sort_keys=True), "mmr.schema": SCHEMA_VERSION}
         self._call(
-            "create_collection", self.client.create_collection,
+            "create_collection", self._milvus.create_collection,
             self.name, schema=schema, index_params=index, consistency_level="Strong", properties=props,
         )
         self._forget()
         if self.encoder_info() is None:  # older servers ignore properties at creation
-            self._call("alter_collection_properties", self.client.alter_collection_properties, self.name, properties=props)
+            self._call("alter_collection_properties", self._milvus.alter_collection_properties, self.name, properties=props)
         self._load()
 
     def _load(self) -> None:
-        self._call("load_collection", self.client.load_collection, self.name)
+        self._call("load_collection", self._milvus.load_collection, self.name)
         self._loaded = True
 
     def _ensure_loaded(self) -> None:
@@ -218,7 +230,7 @@ class MilvusStore(Store):
         import shutil
 
         if self.exists():
-            self._call("drop_collection", self.client.drop_collection, self.name)
+            self._call("drop_collection", self._milvus.drop_collection, self.name)
         self._forget()
         shutil.rmtree(self.cache_dir(), ignore_errors=True)
 
@@ -232,24 +244,26 @@ class MilvusStore(Store):
     def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or replace rows (``ROW_FIELDS`` + ``vector``), in batches."""
         for chunk in batched(rows, self.config.insert_batch):
-            self._call("upsert", self.client.upsert, self.name, [_clean_row(r) for r in chunk])
+            self._call("upsert", self._milvus.upsert, self.name, [_clean_row(r) for r in chunk])
 
     def delete(self, ids: Iterable[str]) -> None:
+        """Remove the rows with these ids, in batches; unknown ids are ignored."""
         for chunk in batched(list(ids), self.config.insert_batch):
-            self._call("delete", self.client.delete, self.name, ids=chunk)
+            self._call("delete", self._milvus.delete, self.name, ids=chunk)
 
     def flush(self) -> None:
         """Seal the rows written so far. On Milvus Lite too: it searches rows still in growing
         segments by brute force (measured at 10k rows: 433 ms per search unflushed, 15 ms
         flushed, for a 2 s flush), so an index run ends with one."""
-        self._call("flush", self.client.flush, self.name)
+        self._call("flush", self._milvus.flush, self.name)
 
     # ---- reads -----------------------------------------------------------------------------
     def count(self) -> int:
+        """Rows in the collection (0 when it does not exist)."""
         if not self.exists():
             return 0
         self._ensure_loaded()
-        res = self._call("count", self.client.query, self.name, filter="", output_fields=["count(*)"])
+        res = self._call("count", self._milvus.query, self.name, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def iter_rows(self, fields: Sequence[str] = ("id", "path"), filter: str = "") -> Iterator[dict[str, Any]]:
@@ -276,21 +290,22 @@ class MilvusStore(Store):
         for prefix in prefixes:
             cond = f'id like "{prefix}%"' if prefix else 'id != ""'
             expr = f"({cond}) and ({filter})" if filter else cond
-            rows = self._call("query", self.client.query, self.name, filter=expr, output_fields=fields, limit=16384)
+            rows = self._call("query", self._milvus.query, self.name, filter=expr, output_fields=fields, limit=16384)
             if len(rows) >= 16384:  # skewed range (ids not from content hashes): split it
                 yield from self._rows_in_ranges([prefix + c for c in "0123456789abcdef"], fields, filter)
                 non_hex = f'({cond}) and not ({" or ".join(f"id like {chr(34)}{prefix}{c}%{chr(34)}" for c in "0123456789abcdef")})'
-                yield from self._call("query", self.client.query, self.name, filter=non_hex + (f" and ({filter})" if filter else ""), output_fields=fields, limit=16384)
+                yield from self._call("query", self._milvus.query, self.name, filter=non_hex + (f" and ({filter})" if filter else ""), output_fields=fields, limit=16384)
             else:
                 yield from rows
 
     def get(self, ids: Sequence[str], fields: Sequence[str] = ROW_FIELDS) -> list[dict[str, Any]]:
+        """The rows with these ids (1000 per call), each with ``id`` and ``fields``."""
         if not ids:
             return []
         self._ensure_loaded()
         out: list[dict[str, Any]] = []
         for chunk in batched(list(ids), 1000):
-            out.extend(self._call("get", self.client.get, self.name, ids=chunk, output_fields=list(fields)))
+            out.extend(self._call("get", self._milvus.get, self.name, ids=chunk, output_fields=list(fields)))
         return out
 
     def has_text_vectors(self) -> bool:
@@ -300,15 +315,21 @@ class MilvusStore(Store):
             return "text_vector" in self._fields
         if not self.exists():
             return False
-        desc = self._call("describe_collection", self.client.describe_collection, self.name)
+        desc = self._call("describe_collection", self._milvus.describe_collection, self.name)
         self._fields = {f["name"] for f in desc.get("fields", [])}
         return "text_vector" in self._fields
 
+    def query(self, filter: str, fields: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """At most ``limit`` (<= 16384, Milvus' cap) rows matching ``filter``, with ``fields``."""
+        self._ensure_loaded()  # a collection opened by a new process starts released
+        return self._call("query", self._milvus.query, self.name, filter=filter, output_fields=list(fields), limit=limit)
+
     def count_with_text(self) -> int:
+        """Rows with a text vector (0 for a collection without text vectors)."""
         if not self.has_text_vectors():
             return 0
         self._ensure_loaded()
-        res = self._call("count", self.client.query, self.name, filter="has_text == true", output_fields=["count(*)"])
+        res = self._call("count", self._milvus.query, self.name, filter="has_text == true", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image") -> list[list[Hit]]:
@@ -317,7 +338,7 @@ class MilvusStore(Store):
         field, only = self._mode_field(mode)
         data = np.asarray(vectors, dtype=np.float32)
         params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
-        res = self._searching(filter, lambda: self.client.search(
+        res = self._searching(filter, lambda: self._milvus.search(
             self.name, data=data.tolist(), limit=limit, filter=_and(only, filter), output_fields=HIT_FIELDS,
             search_params=params, anns_field=field,
         ))
@@ -350,7 +371,7 @@ class MilvusStore(Store):
             fuse = WeightedRanker(*weights)
         else:
             raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
-        res = self._searching(filter, lambda: self.client.hybrid_search(
+        res = self._searching(filter, lambda: self._milvus.hybrid_search(
             self.name, requests, ranker=fuse, limit=limit, output_fields=[*HIT_FIELDS, "vector", "text_vector"],
         ))[0]
         hits = []
@@ -376,7 +397,7 @@ class MilvusStore(Store):
             try:  # a lone surrogate (e.g. a non-UTF-8 argv byte) can't even be sent to Milvus
                 filter.encode("utf-8")
             except UnicodeEncodeError:
-                raise InputError(f"invalid --filter expression {filter!r}: it is not valid Unicode text; pass plain text") from None
+                raise InputError(f"invalid filter expression {filter!r}: it is not valid Unicode text; pass plain text") from None
         try:
             return call()
         except Exception as e:
@@ -387,7 +408,7 @@ class MilvusStore(Store):
                 self.require()
             if filter and _is_expression_error(e):
                 raise InputError(
-                    f"invalid --filter expression {filter!r}: {_short(e)}. Filters are Milvus boolean expressions "
+                    f"invalid filter expression {filter!r}: {_filter_problem(filter, e)}. Filters are Milvus boolean expressions "
                     "over the fields path, caption and metadata, e.g. 'metadata[\"year\"] >= 2020 and caption like \"%dog%\"'"
                 ) from e
             raise StoreError(f"Milvus search failed on collection {self.name!r}: {_short(e)}", retriable=_retriable(e)) from e
@@ -408,7 +429,7 @@ class MilvusStore(Store):
         if not is_local_uri(self.config.uri):
             deadline = time.monotonic() + self.config.index_wait
             while time.monotonic() < deadline:
-                info = self._call("describe_index", self.client.describe_index, self.name, "vector")
+                info = self._call("describe_index", self._milvus.describe_index, self.name, "vector")
                 if not info or int(info.get("pending_index_rows", 0)) == 0:
                     break
                 time.sleep(0.5)
@@ -459,6 +480,28 @@ def _describe(info: dict[str, Any]) -> str:
 def _short(e: Exception) -> str:
     msg = getattr(e, "message", None) or str(e)
     return " ".join(str(msg).split())[:500]
+
+
+def _filter_problem(filter: str, e: Exception) -> str:
+    """Milvus' complaint about ``filter``, told about the user's text. Milvus quotes the whole
+    expression it got (the filter inside the mode's own condition, ``(has_image == true) and
+    (FILTER)``) with a column into it and a caret line; keep its reason and hint, and give the
+    column in ``filter`` (or none when it can't be placed there)."""
+    lines = str(getattr(e, "message", None) or e).split("\n")
+    found = re.fullmatch(r"(.*) at column (\d+)", lines[0])
+    carets = next((i for i, line in enumerate(lines) if i and line.strip() and not line.strip(" ^")), None)
+    if found is None or carets is None:
+        return _short(e)
+    sent = "\n".join(lines[1:carets])[2:]  # echoed with a two-space indent
+    start = sent.rfind(f"({filter})") + 1  # where the filter starts in it (0: not found)
+    column = int(found[2]) - start  # 1-based, in the filter
+    reason, where = found[1], ""
+    if start and column > len(filter):  # e.g. "unexpected token ')'": the wrapper's own parenthesis
+        reason = "unexpected end of expression"
+    elif start and column >= 1:
+        where = f" at column {column}"
+    hint = " ".join(" ".join(lines[carets + 1:]).split())
+    return (reason + where + (f" ({hint})" if hint else ""))[:500]
 
 
 def _retriable(e: Exception) -> bool:

@@ -6,17 +6,14 @@ import pytest
 from langchain_core.documents import BaseDocumentCompressor, Document
 
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
 from mmr_langchain import MMRRerankError, MMRReranker
 
 KEY = "langchain-key"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("langchain"))
-    with serve_demo(None, ServerConfig(api_key=KEY), demo=demo) as (server, demo):
-        yield server, demo
+def server_config():  # `served` (the repository's conftest.py) starts with it
+    return ServerConfig(api_key=KEY)
 
 
 def _docs(paths):

@@ -4,17 +4,14 @@ import pytest
 from pymilvus.model.base import BaseRerankFunction, RerankResult
 
 from mm_retrieval.server import ServerConfig
-from mm_retrieval.server.testing import make_demo_collection, serve_demo
 from mmr_pymilvus import MMRRerankError, MMRRerankFunction
 
 KEY = "plugin-key"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    demo = make_demo_collection(tmp_path_factory.mktemp("pymilvus"))
-    with serve_demo(None, ServerConfig(api_key=KEY), demo=demo) as (server, demo):
-        yield server, demo
+def server_config():  # `served` (the repository's conftest.py) starts with it
+    return ServerConfig(api_key=KEY)
 
 
 def test_same_contract_as_pymilvus_rerank_functions_and_mmr_search_order(served):

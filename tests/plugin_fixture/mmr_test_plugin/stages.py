@@ -21,3 +21,6 @@ class ReverseReranker(Reranker):
 
     def score(self, query, hits):
         return -self.config.weight * np.array([h.retrieval_score for h in hits])
+
+    def token_writer(self):
+        return None  # reads nothing from the token cache

@@ -1,4 +1,4 @@
-"""Cross-attention reranker: rescores the first stage's (query, image) candidates.
+"""The cross-attention reranker's torch model: rescores the first stage's (query, image) candidates.
 
 Read top to bottom: config -> attention helper -> layers -> :class:`Reranker`.
 
@@ -21,7 +21,7 @@ Shape letters: B queries, L text tokens, N candidate images (n per chunk), P pat
 Dt/Di text/image feature widths, W model width, M memory width, H heads, Hkv key/value heads,
 G = H // Hkv query heads per key/value head, hd = W // H head width.
 
-Torch only; no file I/O (see :mod:`mm_retrieval.reranking.checkpoint` for save/load).
+Torch only; no file I/O (:mod:`.checkpoint` saves and loads it, :mod:`.stage` runs it in a pipeline).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm_retrieval.errors import ConfigError, InputError
+from ....errors import ConfigError, InputError
 
 __all__ = ["RerankerConfig", "Reranker"]
 

@@ -1,4 +1,4 @@
-"""Save and load :class:`~mm_retrieval.models.reranker.Reranker` checkpoints.
+"""Save and load checkpoints of the cross-attention model (:class:`.model.Reranker`).
 
 A checkpoint is a directory::
 
@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mm_retrieval.errors import ConfigError, IncompatibleError, InputError, ModelLoadError
-from mm_retrieval.models.reranker import Reranker, RerankerConfig
+from ....errors import ConfigError, IncompatibleError, InputError, ModelLoadError
+from .model import Reranker, RerankerConfig
 
 __all__ = ["RERANKER_FORMAT", "WEIGHTS_FILE", "META_FILE", "save_reranker", "load_reranker"]
 

@@ -1,0 +1,324 @@
+"""Suite ``blip``: the BLIP reranker (``reranker/blip_itm``) from cached vision tokens against BLIP
+re-encoding the same images, per storage option.
+
+One checkpoint (``mmr bench --blip NAME_OR_DIR``; by default a random BLIP-base-sized one from
+:mod:`.blip_model`, or the tiny one with ``--quick``) and one device for everything. For each input
+resolution (the checkpoint's, e.g. 384 px, and a lower one, e.g. 224 px, through
+``interpolate_pos_encoding``) and each storage option (fp16; int8 with a per-token scale):
+
+* **index**: the real indexing path (:mod:`.blip_index`) over the generated images without and
+  with BLIP tokens: images/s, and the tokens written through each option's ``token_writer()``.
+* **bytes per image**: what the stage says (``info()``), the token cache's ``bytes_per_item`` and
+  the cache file's size / items (SQLite's overhead included).
+* **rerank ``candidates`` (100)**, p50: the stage's ``score`` from cached tokens (query
+  tokenisation, cache read, decoding, text encoder with cross-attention, ITM head) against BLIP
+  re-encoding the same images on the same device with the same model: (a) *vision model on
+  preprocessed pixels* (pixels decoded and resized before the clock, on the host as a loader
+  leaves them), (b) *decode + preprocess + vision model* (from the image files); both then score
+  with the stage's own text side. The two sides' scores are compared: the cached ones must equal
+  the re-encoded tokens stored in the same option (``identical``), and the difference from
+  unstored tokens is the option's own loss.
+* **agreement** of each option with fp16 at the checkpoint's resolution on the same candidates:
+  max score difference, Kendall tau, top-10 overlap (meaningless with random weights: said so).
+* **parity** (CPU, fp32): the stage's ITM logits against transformers'
+  ``BlipForImageTextRetrieval(..., use_itm_head=True)`` on a few images.
+
+Nothing here imports pymilvus or open_clip: it runs on a machine with only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .images import generate_images
+from .ranking import agreement
+from .timing import clock, figure, summary, sync
+
+log = logging.getLogger(__name__)
+
+QUERY = "a small red circle left of a large blue square"
+STORAGES = ("fp16", "int8")
+RANDOM_NOTE = "random weights: timing only, agreement figures not meaningful"
+
+
+@dataclass(frozen=True)
+class BlipSizes:
+    model: str  # the random checkpoint built when none is given: base | tiny
+    candidates: int  # reranked per query (the DESIGN figure: 100)
+    images: int  # indexed (>= candidates); the first ``candidates`` are reranked
+    batch: int  # images per forward, at index time and when re-encoding alike (same tokens)
+    rounds: int  # samples of the cached path per option
+    reencode_rounds: int  # samples of each re-encoding path (seconds each on a CPU)
+    workers: int  # decoding workers of the index runs
+    low_res: int  # the lower input resolution (pixels); skipped unless below the checkpoint's
+    parity_images: int = 4
+    min_side: int = 256
+    max_side: int = 640
+
+
+def sizes_for(device: str, quick: bool) -> BlipSizes:
+    if quick:
+        return BlipSizes("tiny", candidates=8, images=12, batch=4, rounds=3, reencode_rounds=2, workers=0, low_res=16,
+                         parity_images=3, min_side=48, max_side=96)
+    if device.startswith("cuda"):
+        import os
+
+        return BlipSizes("base", candidates=100, images=1000, batch=50, rounds=30, reencode_rounds=10,
+                         workers=min(8, max(1, (os.cpu_count() or 2) // 2)), low_res=224)
+    # CPU: BLIP-base's vision model takes ~0.6 s per 384 px image on 2 cores, so each re-encoding
+    # of 100 images is timed once, and decoding stays in-process (the forward needs both cores).
+    return BlipSizes("base", candidates=100, images=100, batch=25, rounds=3, reencode_rounds=1, workers=0, low_res=224)
+
+
+class _CacheFolder:
+    """The one part of a store a reranker reads: its cache folder (this suite runs without Milvus)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def cache_dir(self) -> Path:
+        return self.path
+
+
+def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | None = None,
+        sizes: BlipSizes | None = None) -> dict[str, Any]:
+    """Run the suite in ``workdir`` with ``checkpoint`` (hub name or directory; None: a random
+    one); returns its JSON section."""
+    import torch
+
+    from ..stages.rerankers.blip_itm import BlipItmReranker
+    from .blip_index import first_stage
+    from .blip_model import random_checkpoint
+
+    sizes = sizes or sizes_for(device, quick)
+    ckpt = checkpoint or str(random_checkpoint(workdir / f"blip-random-{sizes.model}", sizes.model))
+    paths = generate_images(workdir / f"blip-images-{sizes.images}-{sizes.min_side}-{sizes.max_side}", sizes.images,
+                            min_side=sizes.min_side, max_side=sizes.max_side, seed=11)
+    encoder, first_label = first_stage(device, quick=quick, batch_size=sizes.batch, workers=sizes.workers)
+    geometry = BlipItmReranker(checkpoint=ckpt, device=device).geometry
+    native, patch = geometry["native_size"], geometry["patch_size"]
+    resolutions = [native] + ([sizes.low_res] if sizes.low_res < native and sizes.low_res % patch == 0 else [])
+    out: dict[str, Any] = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
+        "precision": _precision(device),
+        "checkpoint": checkpoint or f"random BLIP-{sizes.model} ({'BlipConfig() dimensions' if sizes.model == 'base' else 'tiny config'})",
+        "weights": "as loaded from the checkpoint" if checkpoint else RANDOM_NOTE,
+        "meaningful_agreement": checkpoint is not None,
+        "first_stage": first_label,
+        "query": QUERY,
+        "candidates": sizes.candidates,
+        "images_indexed": sizes.images,
+        "batch": sizes.batch,
+        "reference": f"fp16@{native}",
+        "options": {},
+        "reencode": {},
+        "index": {},
+    }
+    cache_root = workdir / "blip-caches"
+    shutil.rmtree(cache_root, ignore_errors=True)
+    reference: np.ndarray | None = None
+    try:
+        for res in resolutions:
+            stages = {s: BlipItmReranker(checkpoint=ckpt, storage=s, image_size=res, device=device) for s in STORAGES}
+            for stage in stages.values():
+                stage.bind(encoder=encoder, store=_CacheFolder(cache_root))
+                stage.warm_up()
+            group = _resolution(stages, encoder, paths, sizes, res)
+            out["index"][str(res)] = group["index"]
+            out["reencode"][str(res)] = group["reencode"]
+            if res == native:
+                out["parity"] = _parity(stages["fp16"], group["pixels"], sizes, device)
+                reference = group["scores"]["fp16"]
+            for storage, option in group["options"].items():
+                option[f"agreement_vs_{out['reference']}"] = agreement(reference, group["scores"][storage])
+                out["options"][f"{storage}@{res}"] = option
+            del stages, group
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+    return out
+
+
+def _precision(device: str) -> str:
+    """What the stage computes in with precision "auto" on ``device``."""
+    if not device.startswith("cuda"):
+        return "fp32"
+    import torch
+
+    return "bf16 autocast" if torch.cuda.is_bf16_supported() else "fp16 autocast"
+
+
+# ---- one input resolution: index, bytes, timing, scores ------------------------------------
+
+
+def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: BlipSizes, res: int) -> dict[str, Any]:
+    import torch
+
+    from ..query import Query
+    from ..stages.base import batched
+    from .blip_index import index_files
+
+    main = stages["fp16"]
+    side = main.image_side()  # every option at this resolution: same model, same tokens
+
+    # index: without, then with BLIP tokens (the second run fills every option's cache)
+    without = index_files(encoder, paths)
+    writers = {s: st.token_writer() for s, st in stages.items()}
+    with_ = index_files(encoder, paths, image_side=side, writers=list(writers.values()))
+    index = {
+        "method": "encode_files (the indexing path of `mmr index` / `mmr cache build`) over image files, Milvus upsert "
+                  f"left out; {sizes.workers} decoding workers, batch {sizes.batch}; with BLIP: its tokens written for "
+                  f"{len(writers)} storage options ({', '.join(writers)})",
+        "without_blip": without.report(),
+        "with_blip": with_.report(),
+        "throughput": figure(with_.images / with_.seconds, "img/s", "indexing without BLIP tokens", without.images / without.seconds,
+                             ratio_is="with / without BLIP tokens"),
+    }
+    ids = with_.ids[: sizes.candidates]
+    if not all(ids) or len(ids) < sizes.candidates:
+        raise RuntimeError(f"bench blip: only {sum(map(bool, ids))} of {sizes.candidates} candidate images were indexed")
+    options: dict[str, Any] = {}
+    for s, w in writers.items():
+        cache = w.cache
+        items = len(cache)
+        cache.close()  # the last connection closing checkpoints the WAL into the file
+        info = stages[s].info()
+        options[s] = {
+            "storage": s, "image_size": res, "tokens": info["tokens"], "width": info["width"],
+            "bytes_per_image": {"stage_info": info["bytes_per_image"], "cache_bytes_per_item": cache.bytes_per_item,
+                                "file_bytes_per_item": round(cache.file_bytes() / items, 1)},
+            "gb_per_100k_images": round(cache.file_bytes() / items * 100_000 / 1e9, 2),
+        }
+
+    hits = _hits(ids)
+    retrieval = np.array([h.first_stage_image_score for h in hits], dtype=np.float64)
+    itc = main.config.itc_weight
+    device = main.device
+    cand = paths[: sizes.candidates]
+    pixels = [torch.stack([side.transform(_decode(p)) for p in chunk]) for chunk in batched(cand, sizes.batch)]
+    if device.startswith("cuda"):
+        pixels = [p.pin_memory() for p in pixels]
+
+    def reencode(batches: Callable[[], Any]) -> np.ndarray:
+        tokens = torch.cat([side.tokens(px) for px in batches()])  # [n, P, W] on the device
+        return main.itm_logits(Query(QUERY, None), tokens) + itc * retrieval
+
+    def from_files():
+        for chunk in batched(cand, sizes.batch):
+            yield torch.stack([side.transform(_decode(p)) for p in chunk])
+
+    cached = {s: (lambda st=st: st.score(Query(QUERY, None), hits)) for s, st in stages.items()}
+    reads = {s: (lambda st=st: st.cached_tokens(ids)) for s, st in stages.items()}
+    reencoders = {"vision_on_pixels": lambda: reencode(lambda: iter(pixels)), "decode_preprocess_vision": lambda: reencode(from_files)}
+    samples = _timed(cached, reads, reencoders, sizes, device)
+
+    # scores: cached vs re-encoded (stored in the same option, and not stored)
+    fresh = torch.cat([side.tokens(px) for px in pixels]).float()
+    unstored = main.itm_logits(Query(QUERY, None), fresh) + itc * retrieval
+    scores = {s: cached[s]() for s in stages}
+    tol = 1e-4 if device == "cpu" else 2e-3
+    for s, st in stages.items():
+        from ..stages.rerankers.blip_itm import storage as codec
+
+        stored = codec.decode(codec.encode(fresh.cpu().numpy(), s), s, st.geometry["width"], device=device)
+        same = st.itm_logits(Query(QUERY, None), stored) + itc * retrieval
+        diff = float(np.abs(scores[s] - same).max())
+        bound = tol * max(1.0, float(np.abs(same).max()))
+        c, a, b = (summary(samples[k]) for k in (f"cached_{s}", "vision_on_pixels", "decode_preprocess_vision"))
+        options[s].update({
+            "cached": c,
+            "cache_read": summary(samples[f"read_{s}"]),
+            "speedup_vs_reencode_vision": figure(a["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
+                                                 ratio_is="re-encoding (vision model on preprocessed pixels) / cached: the speed-up"),
+            "speedup_vs_reencode_with_decode": figure(b["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
+                                                      ratio_is="re-encoding (decode + preprocess + vision model) / cached: the speed-up"),
+            "scores": {
+                "identical": diff <= bound,
+                "max_abs_diff_vs_reencoded_same_storage": diff,
+                "tolerance": bound,
+                "max_abs_diff_vs_reencoded_unstored": float(np.abs(scores[s] - unstored).max()),
+                "score_range": [float(scores[s].min()), float(scores[s].max())],
+            },
+        })
+        if diff > bound:
+            log.warning("bench blip: cached %s scores differ from re-encoded ones by %.3g (tolerance %.3g)", s, diff, bound)
+    reencode_report = {
+        "what": f"BLIP re-encoding the same {len(ids)} images per query, then the stage's text side: vision_on_pixels = "
+                "pixels decoded and preprocessed before the clock (on the host); decode_preprocess_vision = from the files",
+        "vision_on_pixels": summary(samples["vision_on_pixels"]),
+        "decode_preprocess_vision": summary(samples["decode_preprocess_vision"]),
+    }
+    log.info("bench blip %d px: cached fp16 %.1f ms, re-encode %.1f ms (%.1f ms with decode)", res,
+             options["fp16"]["cached"]["p50_ms"], reencode_report["vision_on_pixels"]["p50_ms"],
+             reencode_report["decode_preprocess_vision"]["p50_ms"])
+    return {"index": index, "options": options, "reencode": reencode_report, "scores": scores, "pixels": pixels}
+
+
+def _timed(cached: dict[str, Callable], reads: dict[str, Callable], reencoders: dict[str, Callable], sizes: BlipSizes,
+           device: str) -> dict[str, list[float]]:
+    """Interleaved samples: every round times each option's cached path and cache read; the
+    first ``reencode_rounds`` rounds also each re-encoding path (right after the cached ones)."""
+    calls = {**{f"cached_{s}": f for s, f in cached.items()}, **{f"read_{s}": f for s, f in reads.items()}}
+    for fn in calls.values():  # warm-up (allocations, kernel choice, page cache)
+        clock(fn, device)
+    if device.startswith("cuda"):  # cheap there; on a CPU the index run has warmed the model
+        for fn in reencoders.values():
+            clock(fn, device)
+    out: dict[str, list[float]] = {k: [] for k in [*calls, *reencoders]}
+    for r in range(sizes.rounds):
+        for name, fn in calls.items():
+            out[name].append(clock(fn, device)[0])
+        if r < sizes.reencode_rounds:
+            for name, fn in reencoders.items():
+                out[name].append(clock(fn, device)[0])
+    return out
+
+
+def _decode(path: Path):
+    from ..decode import decode_image, read_regular_file
+
+    return decode_image(read_regular_file(path))
+
+
+def _hits(ids: list[str]) -> list[Any]:
+    """Candidates as the first stage returns them (cosines descending; the values are synthetic)."""
+    from ..types import Hit
+
+    scores = np.sort(np.random.default_rng(0).uniform(0.2, 0.35, len(ids)))[::-1]
+    return [Hit(id=i, path=f"/bench/{i}", score=float(s), retrieval_score=float(s), rank=r + 1)
+            for r, (i, s) in enumerate(zip(ids, scores))]
+
+
+# ---- parity with transformers ----------------------------------------------------------------
+
+
+def _parity(stage: Any, pixels: list[Any], sizes: BlipSizes, device: str) -> dict[str, Any]:
+    """The stage's ITM logits from freshly encoded tokens against transformers' own
+    ``BlipForImageTextRetrieval`` forward (fp32 only: on CUDA the stage runs under autocast)."""
+    import torch
+
+    from ..query import Query
+
+    if device != "cpu":
+        return {"measured": False, "why": f"the stage runs {_precision(device)} on {device}; parity (1e-4) is defined in fp32 "
+                                          "on CPU (tests/integration/test_blip_itm.py checks it)"}
+    px = torch.cat(pixels)[: sizes.parity_images]
+    query = Query(QUERY, None)
+    q = stage.query_tokens(query)
+    ours = stage.itm_logits(query, stage.image_side().tokens(px))
+    with torch.inference_mode():
+        ref = stage.model(input_ids=q.ids.expand(len(px), -1), attention_mask=q.mask.expand(len(px), -1),
+                          pixel_values=px, use_itm_head=True).itm_score[:, 1].float().numpy()
+    sync(device)
+    return {"measured": True, "images": len(px), "precision": "fp32", "max_abs_diff_itm_logit": float(np.abs(ours - ref).max()),
+            "against": "transformers BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True).itm_score[:, 1]"}

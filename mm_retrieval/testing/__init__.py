@@ -1,0 +1,1 @@
+"""Helpers for tests and plugin authors: tiny checkpoints, fakes and contract tests."""

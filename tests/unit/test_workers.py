@@ -1,0 +1,88 @@
+"""Decoding workers die with the index run that started them, from their first moment (no torch
+needed here: the workers below only sleep)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+
+_WORKER = ("import sys, time; from mm_retrieval.workers import start_worker; start_worker(int(sys.argv[1])); "
+           "print('armed', flush=True); time.sleep(60)")
+_RUN = f"""
+import os, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", {_WORKER!r}, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+assert worker.stdout.readline().strip() == "armed"
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+# A spawned worker whose target's module takes 30 s to import (as torch takes seconds).
+_SLOW_MODULE = """
+import os, time
+if os.environ.get("SLOW_START"):
+    time.sleep(30)
+
+def idle():
+    time.sleep(60)
+"""
+_SPAWNING_RUN = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import slow_start
+from mm_retrieval.workers import worker_context
+os.environ["SLOW_START"] = "1"  # only the worker's import of slow_start is slow
+p = worker_context().Process(target=slow_start.idle)
+p.start()
+print(p.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _kill_run_then_worker_is_gone(run: subprocess.Popen, worker: int, within_s: float = 1.0) -> None:
+    assert not _gone(worker)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + within_s
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _gone(worker), f"the worker outlived the run by more than {within_s} s"
+
+
+def test_worker_dies_as_soon_as_the_run_is_killed():
+    run = subprocess.Popen([sys.executable, "-c", _RUN], stdout=subprocess.PIPE, text=True)
+    try:
+        _kill_run_then_worker_is_gone(run, int(run.stdout.readline()))
+    finally:
+        run.kill()
+
+
+def test_worker_whose_run_died_before_it_was_armed_exits_at_once():
+    """The run's death can come before the signal is armed: the worker sees it is no longer the
+    run's child and exits."""
+    out = subprocess.run([sys.executable, "-c", _WORKER, str(os.getpid() + 10**6)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "armed" not in out.stdout, out.stderr
+
+
+def test_spawned_worker_dies_with_the_run_while_still_starting_up(tmp_path):
+    """Armed before its target is unpickled: a run killed while its workers import torch does
+    not leave them running until their imports finish."""
+    (tmp_path / "slow_start.py").write_text(_SLOW_MODULE)
+    run = subprocess.Popen([sys.executable, "-c", _SPAWNING_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(run.stdout.readline())
+        time.sleep(1.5)  # the worker is inside `import slow_start` by now
+        _kill_run_then_worker_is_gone(run, worker)
+    finally:
+        run.kill()
