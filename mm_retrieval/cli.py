@@ -1,7 +1,7 @@
 """The ``mmr`` command line: a thin layer over :class:`mm_retrieval.pipeline.Pipeline`.
 
-``--json`` output is one JSON document on stdout; human output, logs and progress bars go to
-stderr. Errors become one line on stderr and an exit code (2: bad input, 1: failure).
+A command's result goes to stdout: one JSON document with ``--json``, else human-readable lines;
+progress bars, warnings and logs go to stderr. Errors become one line on stderr and an exit code (2: bad input, 1: failure).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ RERANKER_REF = ("a checkpoint dir from train-reranker, or a BLIP image-text retr
 
 
 def _echo(text: str = "") -> None:
+    """Progress, warnings and errors: stderr, so that a command's result can be piped."""
     click.echo(text, err=True)
+
+
+def _out(text: str = "") -> None:
+    """A command's human-readable result: stdout (``mmr search ... | head`` gets the hits)."""
+    click.echo(text)
 
 
 def _emit_json(doc: Any) -> None:
@@ -106,15 +112,19 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     if as_json:
         _emit_json(report.to_dict())
         return
-    _echo(
+    _out(
         f"indexed {report.indexed}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
         f"replaced {report.replaced}, moved {report.moved}, skipped {report.skipped} in {report.seconds:.1f}s "
         f"-> collection {pipe.store.name!r} ({pipe.store.count()} items)"
     )
     for f in report.failed[:50]:
-        _echo(f"  skipped {f.path}: {f.error}")
+        _out(f"  skipped {f.path}: {f.error}")
     if report.skipped > 50:
-        _echo(f"  ... and {report.skipped - 50} more (use --json for the full list)")
+        _out(f"  ... and {report.skipped - 50} more (use --json for the full list)")
+    if report.indexed == 0 and not pipe.store.exists():
+        found = "no readable image" if report.skipped else "no image or text item"
+        _echo(f"nothing to index: {found} in {source}, so no collection was created. A folder is searched recursively "
+              "for image files (.jpg, .png, .webp, ...); a table needs rows with a 'path' (or, for text-only items, a caption).")
 
 
 @cli.command()
@@ -136,20 +146,20 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
         return
     if dry_run:
         plan = report.plan or {}
-        _echo(f"would add {len(plan['add'])}, re-check {len(plan['check'])} (changed size/mtime/metadata), "
+        _out(f"would add {len(plan['add'])}, re-check {len(plan['check'])} (changed size/mtime/metadata), "
               f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged, {report.skipped} unreadable")
         for key, label in (("add", "+"), ("check", "~"), ("remove", "-")):
             for p in plan[key][:20]:
-                _echo(f"  {label} {p}")
+                _out(f"  {label} {p}")
             if len(plan[key]) > 20:
-                _echo(f"  {label} ... and {len(plan[key]) - 20} more")
+                _out(f"  {label} ... and {len(plan[key]) - 20} more")
         for f in report.failed[:50]:
-            _echo(f"  ! {f.path}: {f.error}")
+            _out(f"  ! {f.path}: {f.error}")
         return
-    _echo(f"indexed {report.indexed}, replaced {report.replaced}, moved {report.moved}, removed {report.removed}, "
+    _out(f"indexed {report.indexed}, replaced {report.replaced}, moved {report.moved}, removed {report.removed}, "
           f"unchanged {report.unchanged}, skipped {report.skipped} in {report.seconds:.1f}s")
     for f in report.failed[:50]:
-        _echo(f"  skipped {f.path}: {f.error}")
+        _out(f"  skipped {f.path}: {f.error}")
 
 
 @cli.command()
@@ -186,35 +196,82 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
     if as_json:
         _emit_json(result.to_dict())
         return
+    columns = _score_columns(result, pipe.config.search.hybrid_ranker, by_image=image is not None)
     stage = "reranked" if result.reranked else "first stage"
-    _echo(f"{len(result.hits)} hits for {result.query!r} ({result.mode} mode, {stage}, {result.timings_ms['total']:.0f} ms)")
+    _out(f"{len(result.hits)} hits for {result.query!r} ({result.mode} mode, {stage}, {result.timings_ms['total']:.0f} ms); "
+         f"ordered by {columns[0][0]}")
+    _out("  " + "; ".join(f"{label}: {meaning}" for label, meaning, _ in columns))
+    _out("  #." + "".join(f"{label:>9}" for label, _, _ in columns) + "  path / caption")
     for h in result.hits:
-        extra = f"  retrieval {h.retrieval_score:.3f}" if result.reranked else ""
-        if h.rerank_score is not None:  # hybrid: the score fuses the reranker's order with the captions'
-            extra = f"  reranker {h.rerank_score:.3f}{extra}"
+        scores = "".join(f"{_fmt_score(get(h)):>9}" for _, _, get in columns)
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        _echo(f"{h.rank:3d}. {h.score:7.3f}{extra}  {h.path or '(text item)'}{cap}")
+        _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{cap}")
+
+
+def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[tuple[str, str, Callable[[Any], float | None]]]:
+    """(label, meaning, value) of each score a hit list shows; the first is the one it is ordered by."""
+    query = "query image" if by_image else "query"
+    image = ("image", f"cosine of the {query} and the image vectors", lambda h: h.retrieval_score)
+    text = ("text", f"cosine of the {query} and the caption vectors (-: no caption)", lambda h: h.text_score)
+    reranker = "the reranker's score (a logit: higher is better)"
+    if result.mode == "hybrid":
+        ranker = "RRF" if hybrid_ranker == "rrf" else hybrid_ranker
+        fused = ("fused", f"{ranker} fusion of the {'reranker' if result.reranked else 'image'} ranking and the text ranking",
+                 lambda h: h.score)
+        rerank = [("reranker", reranker, lambda h: h.rerank_score)] if result.reranked else []
+        return [fused, *rerank, (image[0], image[1] + " (-: a text item)", lambda h: h.image_score), text]
+    if result.mode == "text":
+        return [("text", text[1].replace(" (-: no caption)", ""), lambda h: h.score)]
+    if result.reranked:
+        return [("reranker", reranker, lambda h: h.score), image]
+    return [(image[0], image[1], lambda h: h.score)]
+
+
+def _fmt_score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @cli.command()
 @click.option("--dir", "workdir", default="mmr-demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo writes data, models and the database.")
-@click.option("--model", help="Use this first stage instead of training a small one (e.g. ViT-B-32; needs its weights).")
+@click.option("--train", is_flag=True, help="Train the encoder and the reranker here (~40 min on 2 CPU cores) instead of using the shipped ones.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), help="With --train: copy the trained models to this folder in the shipped layout (how the package's demo weights are made).")
+@click.option("--model", help="Use this first stage instead of the demo's small one, and train a reranker for it (e.g. ViT-B-32; needs its weights).")
 @click.option("--pretrained", help="Weights for --model: a tag (downloaded, needs internet) or a local file.")
-@click.option("--quick", is_flag=True, help="A much smaller run (about a minute) to check the setup.")
+@click.option("--quick", is_flag=True, help="A tiny run that trains everything (a few minutes) to check the setup; its numbers mean nothing.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON on stdout.")
-def demo(workdir: str, model: str | None, pretrained: str | None, quick: bool, as_json: bool) -> None:
-    """Offline end-to-end demo: make data, train a first stage and a reranker, index, evaluate, search.
+def demo(workdir: str, train: bool, export_dir: str | None, model: str | None, pretrained: str | None, quick: bool,
+         progress: bool | None, as_json: bool) -> None:
+    """Offline end-to-end demo: make data, get a first stage and a reranker, index, evaluate, search.
 
     Needs no internet: it generates compositional scenes ("a small red circle left of a large blue
-    square"), trains a tiny CLIP on them, trains the cross-attention reranker with hard negatives,
-    indexes everything into Milvus Lite and shows held-out queries before and after reranking.
+    square"), uses the tiny CLIP and cross-attention reranker shipped with the package (trained on
+    these scenes by `mmr demo --train`), indexes everything into Milvus Lite, prints first-stage vs
+    reranked Recall@K on held-out captions and shows the first held-out queries before and after
+    reranking. --train trains both models here instead.
     """
     from .demo import QUICK, DemoSizes, run_demo
 
-    logging.getLogger("mm_retrieval.training").setLevel(logging.WARNING)
-    doc = run_demo(workdir, model=model, pretrained=pretrained, sizes=QUICK if quick else DemoSizes(), say=_echo)
+    _narrate_training()
+    doc = run_demo(workdir, model=model, pretrained=pretrained, sizes=QUICK if quick else DemoSizes(), train=train,
+                   export=export_dir, say=_echo, progress=progress)
     if as_json:
         _emit_json(doc)
+
+
+def _narrate_training() -> None:
+    """Show the training steps' per-epoch lines (loss, validation R@1) under the demo's narration."""
+    class Indented(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            prefix = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+            return f"      {prefix}{record.getMessage()}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Indented())
+    train_log = logging.getLogger("mm_retrieval.training")
+    train_log.addHandler(handler)
+    train_log.setLevel(min(logging.INFO, logging.getLogger().level))
+    train_log.propagate = False
 
 
 @cli.command("train-encoder")
@@ -252,7 +309,7 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
     if as_json:
         _emit_json(summary)
     else:
-        _echo(f"trained {res.model_name} on {res.n_pairs} pairs for {res.epochs} epochs in {res.seconds:.0f}s "
+        _out(f"trained {res.model_name} on {res.n_pairs} pairs for {res.epochs} epochs in {res.seconds:.0f}s "
               f"(final loss {res.final_loss}) -> {res.out_dir}; use it with --model {res.out_dir}")
 
 
@@ -266,7 +323,8 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--weight-decay", type=float, default=RERANKER_TRAIN.weight_decay, show_default=True, help="On matrices only: pulls the head toward the first stage.")
 @click.option("--negatives", type=int, default=RERANKER_TRAIN.negatives, show_default=True, help="Hard negatives per caption, from the first stage's top ranks.")
 @click.option("--hard-pool", type=int, default=RERANKER_TRAIN.hard_pool, show_default=True, help="How deep in the first stage's ranking negatives are drawn.")
-@click.option("--val-fraction", type=float, default=RERANKER_TRAIN.val_fraction, show_default=True)
+@click.option("--val-fraction", type=float, default=RERANKER_TRAIN.val_fraction, show_default=True,
+              help="Share of the captions held out for validation (early stopping and the reported R@1).")
 @click.option("--split-by", default=",".join(RERANKER_TRAIN.split_by), show_default=True,
               help="Comma-separated columns: rows sharing a value in any of them stay on one side of the train/val "
                    "split (e.g. group,combination for the compositional set, so val measures unseen combinations).")
@@ -280,7 +338,7 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--heads", type=int, help="Attention heads (default 4).")
 @click.option("--kv-heads", type=int, help="Key/value heads: 1 multi-query, = heads multi-head (default 1).")
 @click.option("--memory-dim", type=int, help="Cached width per image patch (default 128).")
-@click.option("--seed", type=int, default=RERANKER_TRAIN.seed, show_default=True)
+@click.option("--seed", type=int, default=RERANKER_TRAIN.seed, show_default=True, help="Seeds the train/val split, the initial weights and the sampling of negatives.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
 def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, weight_decay: float, negatives: int,
@@ -314,8 +372,8 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
         _emit_json(summary)
         return
     fs, rr = res.val["first_stage"], res.val["reranked"]
-    _echo(f"trained for {res.epochs_run} epochs (best {res.best_epoch}) on {res.n_train} captions in {res.seconds:.0f}s -> {res.out_dir}")
-    _echo(f"validation R@1: first stage {fs['R@1']:.3f}, reranked {rr['R@1']:.3f}; use it with --rerank {res.out_dir}")
+    _out(f"trained for {res.epochs_run} epochs (best {res.best_epoch}) on {res.n_train} captions in {res.seconds:.0f}s -> {res.out_dir}")
+    _out(f"validation R@1: first stage {fs['R@1']:.3f}, reranked {rr['R@1']:.3f}; use it with --rerank {res.out_dir}")
 
 
 @cli.command()
@@ -342,7 +400,7 @@ def explain(query: str, image: str, rerank_path: str | None, out: str, head: int
     if as_json:
         _emit_json({**ex.to_dict(), "png": str(path)})
     else:
-        _echo(f"reranker {ex.score:.3f} (first stage {ex.retrieval_score:.3f}) for {len(ex.words)} words -> {path}")
+        _out(f"reranker {ex.score:.3f} (first stage {ex.retrieval_score:.3f}) for {len(ex.words)} words -> {path}")
 
 
 @cli.command("eval")
@@ -367,11 +425,11 @@ def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: boo
     if as_json:
         _emit_json(doc)
         return
-    _echo(f"{doc['n_queries']} queries against {doc['gallery']} items, {doc['mode']} mode (candidates {doc['candidates']})")
-    _echo("              " + "  ".join(f"{k:>6}" for k in doc["first_stage"]))
+    _out(f"{doc['n_queries']} queries against {doc['gallery']} items, {doc['mode']} mode (candidates {doc['candidates']})")
+    _out("              " + "  ".join(f"{k:>6}" for k in doc["first_stage"]))
     for name in ("first_stage", "reranked"):
         if doc.get(name):
-            _echo(f"{name:<12}  " + "  ".join(f"{v:6.3f}" for v in doc[name].values()))
+            _out(f"{name:<12}  " + "  ".join(f"{v:6.3f}" for v in doc[name].values()))
 
 
 @cli.group()
@@ -381,7 +439,7 @@ def cache() -> None:
 
 @cache.command("info")
 @common_options
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the collection and its caches as JSON on stdout.")
 def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
     """List the collection's token caches: items and bytes per image."""
     from .backfill import cache_info
@@ -391,20 +449,20 @@ def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
     if as_json:
         _emit_json({"collection": pipe.store.name, "items": pipe.store.count(), "caches": info})
         return
-    _echo(f"collection {pipe.store.name!r}: {pipe.store.count()} items")
+    _out(f"collection {pipe.store.name!r}: {pipe.store.count()} items")
     for c in info:
         held = c.get("info") or {}
         shape = f"[{held['tokens']}, {held['width']}] {held['storage']}" if {"tokens", "width", "storage"} <= set(held) else c["shape"]
-        _echo(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {shape}, {c['file_bytes']:,} B on disk")
+        _out(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {shape}, {c['file_bytes']:,} B on disk")
     if not info:
-        _echo("  no token cache (run `mmr cache build`)")
+        _out("  no token cache (run `mmr cache build`)")
 
 
 @cache.command("build")
 @common_options
 @click.option("--rerank", "rerank_path", type=click.Path(), help=f"Build what this reranker reads for each image (its memory, or BLIP's vision tokens) instead of raw tokens; {RERANKER_REF}.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--progress/--no-progress", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
     """Fill the token cache for every indexed item that lacks tokens."""
     from .backfill import build_token_cache
@@ -415,10 +473,10 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
     if as_json:
         _emit_json(doc)
         return
-    _echo(f"token cache {doc['cache']}: {doc['items']} items ({doc['bytes_per_item']:,} B each); "
+    _out(f"token cache {doc['cache']}: {doc['items']} items ({doc['bytes_per_item']:,} B each); "
           f"{doc['from_raw_tokens']} derived from raw tokens, {doc['encoded']} encoded, {len(doc['failed'])} failed")
     for f in doc["failed"][:20]:
-        _echo(f"  {f['path']}: {f['error']}")
+        _out(f"  {f['path']}: {f['error']}")
 
 
 @cli.command()
@@ -473,7 +531,7 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Write the results table (e.g. benchmarks/RESULTS.md).")
 @click.option("--from", "from_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Run nothing: merge these saved --out documents (later files win per suite) and report them.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout (the summary goes to stderr either way).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout (the summary then goes to stderr).")
 def bench(suites: tuple[str, ...], blip: str | None, device: str, quick: bool, workdir: str | None, out_file: str | None,
           markdown_file: str | None, from_files: tuple[str, ...], as_json: bool) -> None:
     """Benchmarks, each figure measured side by side with what it is compared against.
@@ -501,9 +559,11 @@ def bench(suites: tuple[str, ...], blip: str | None, device: str, quick: bool, w
     if markdown_file:
         Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_file).write_text(markdown(doc))
-    _echo(human(doc))
     if as_json:
+        _echo(human(doc))  # stdout holds only the JSON document
         _emit_json(doc)
+    else:
+        _out(human(doc))
 
 
 @cli.command()
@@ -523,10 +583,10 @@ def plugins(as_json: bool) -> None:
     width = max((len(f"{e.kind}/{e.name}") for e in entries), default=10)
     for e in entries:
         status = f"  FAILED: {e.error}" if e.error else ""
-        _echo(f"{e.kind + '/' + e.name:<{width}}  {e.origin:<16} {e.target}{status}")
+        _out(f"{e.kind + '/' + e.name:<{width}}  {e.origin:<16} {e.target}{status}")
     for err in errors:
         if not any(f"{e.kind}/{e.name}" == err.entry_point for e in entries):
-            _echo(f"plugin {err.entry_point} ({err.origin}) failed to load: {err.error}")
+            _out(f"plugin {err.entry_point} ({err.origin}) failed to load: {err.error}")
 
 
 def main(argv: list[str] | None = None) -> int:

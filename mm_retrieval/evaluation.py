@@ -16,6 +16,7 @@ import numpy as np
 
 from .decode import content_hash, item_id
 from .errors import InputError
+from .progress import progress_bar
 from .query import Query, encode_queries, validate_query
 from .search import first_stage, plan_search, resolve_mode
 from .search import rerank as rerank_hits
@@ -63,10 +64,10 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
     pipeline has a reranker and ``mode`` allows it (image, hybrid); True insists (InputError
     naming why it can't); False never reranks."""
     t0 = time.perf_counter()
+    queries = load_queries(table)
+    captions = _usable(queries)  # a table with no usable query fails before anything is indexed
     if index:
         pipeline.index(table, progress=progress)
-    queries = load_queries(table)
-    captions = _usable(queries)
     relevant = [queries[c] for c in captions]
     plan = plan_search(pipeline.config.search, kind="text", has_reranker=pipeline.config.reranker is not None, mode=mode,
                        k=max(KS), candidates=candidates, rerank=rerank)
@@ -78,6 +79,7 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
         reranker.warm_up()
     first: list[list[Any]] = []
     reranked: list[list[Any]] = []
+    bar = progress_bar(len(captions), progress, unit="query", desc="evaluating")
     for s in range(0, len(captions), batch):
         batch_queries = [Query(c, encoder) for c in captions[s : s + batch]]
         encode_queries(batch_queries)  # one forward per batch: embeddings and the token features a reranker reads
@@ -85,6 +87,8 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
         first.extend(hits)
         if reranker is not None:  # the reranker sees the top `candidates`, as in mmr search
             reranked.extend(rerank_hits(plan, mode, reranker, q, h[:candidates]) for q, h in zip(batch_queries, hits))
+        bar.update(len(batch_queries))
+    bar.close()
     return {
         "n_queries": len(captions),
         "gallery": store.count(),

@@ -136,20 +136,28 @@ class Indexer:
         longer lists (sync); ``dry_run``: change nothing, return the plan in ``report.plan``."""
         t0 = time.perf_counter()
         encoder, store = self.encoder, self.store
+        exists = store.exists()
+        if exists:  # before the model is loaded: a wrong --model fails without a download
+            store.check_compatible(encoder.info())
         encoder.warm_up()
         if dry_run:
-            if store.exists():
-                store.check_compatible(encoder.info())
             self._scan()
             report = IndexReport()
             report.plan = self.plan(src, report, remove_missing=remove_missing, scope=scope).to_dict()
             report.seconds = time.perf_counter() - t0
             return report
+        report = IndexReport()
+        first = None
+        if not exists:  # a new collection is created only for a source that yields something
+            self.rows, self.ids_by_path = {}, defaultdict(set)
+            first = self.plan(src, report, remove_missing=remove_missing, scope=scope)
+            if not (first.add or first.check or first.texts):
+                report.seconds = time.perf_counter() - t0
+                return report
         store.ensure_collection(encoder.info())
         with CollectionLock(store.cache_dir(), store.name):
-            self._scan()
-            report = IndexReport()
-            plan = self.plan(src, report, remove_missing=remove_missing, scope=scope)
+            self._scan()  # (a new collection: rows another process wrote meanwhile are recognised by id)
+            plan = first if first is not None else self.plan(src, report, remove_missing=remove_missing, scope=scope)
             self._encode(plan.add + plan.check, report)
             self._encode_texts(plan.texts, report)
             report.unchanged += plan.unchanged

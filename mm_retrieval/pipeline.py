@@ -193,12 +193,18 @@ class Pipeline:
         from content, so re-running adds nothing, a changed file replaces its old entry, a moved
         file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
         src = open_source(source, text_columns=text_columns)
+        if self.store.exists():  # a wrong model fails before it is downloaded
+            self.store.check_compatible(self.encoder.info())
+        self.encoder.warm_up()  # a model that can't load fails before a token cache file is created
+        existed = self.store.exists()
         try:
             indexer = Indexer(self.encoder, self.store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
                               on_progress=on_progress)
             return indexer.run(src)
         finally:
             self._forget_collection()
+            if not existed and not self.store.exists():  # nothing indexed: leave no token cache behind
+                _remove_cache_dir(self.store.cache_dir())
 
     def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None) -> IndexReport:
         """Bring the collection in step with a folder or table: add new files, replace changed
@@ -256,6 +262,19 @@ class Pipeline:
                            candidates=candidates, offset=offset, filter=filter, rerank=rerank)
         return run_search(plan, store=self.store, encoder=self.encoder, reranker=self.reranker if plan.rerank else None,
                           facts=self.collection_facts, text=text, image=image, image_id=image_id)
+
+
+def _remove_cache_dir(directory: Path) -> None:
+    """Remove a collection's token-cache folder (and its parent, the database's, when that is
+    left empty): what an index run that created no collection made."""
+    import shutil
+
+    if directory.is_dir():
+        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            directory.parent.rmdir()
+        except OSError:  # other collections' caches (or not a folder we made)
+            pass
 
 
 def reranker_spec(ref: str, configured: StageSpec | None = None) -> StageSpec:

@@ -137,14 +137,13 @@ class CollectionFacts:
         self._has_text: bool | None = None
 
     def check(self, encoder: Encoder) -> None:
-        """The collection exists (asked before loading a model) and fits ``encoder`` (warmed up
-        here: model loading is not part of a query's timings)."""
+        """The collection exists and fits ``encoder`` (both asked before loading a model), and
+        ``encoder`` is warmed up here: model loading is not part of a query's timings."""
         if not self.checked:
             self.store.require()
+            self.store.check_compatible(encoder.info())  # before loading (or downloading) a model
         encoder.warm_up()
-        if not self.checked:
-            self.store.check_compatible(encoder.info())
-            self.checked = True
+        self.checked = True
 
     def has_text(self, *, ask_again: bool = False) -> bool:
         """Whether the collection holds text vectors; ``ask_again``: ask again if it had none."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,9 +55,13 @@ class BlipSizes:
     images: int  # indexed (>= candidates); the first ``candidates`` are reranked
     batch: int  # images per forward, at index time and when re-encoding alike (same tokens)
     rounds: int  # samples of the cached path per option
-    reencode_rounds: int  # samples of each re-encoding path (seconds each on a CPU)
+    reencode_rounds: int  # samples of re-encoding from preprocessed pixels (minutes each on a CPU)
     workers: int  # decoding workers of the index runs
     low_res: int  # the lower input resolution (pixels); skipped unless below the checkpoint's
+    # Re-encoding from the files timed as one call; else (CPU) as the sum of its separately timed
+    # steps, decode + preprocess and the vision model on pixels, to save minutes of identical work.
+    reencode_files: bool = True
+    warmup: bool = True  # an untimed call of each path first (pointless for calls of seconds)
     parity_images: int = 4
     min_side: int = 256
     max_side: int = 640
@@ -70,11 +74,14 @@ def sizes_for(device: str, quick: bool) -> BlipSizes:
     if device.startswith("cuda"):
         import os
 
-        return BlipSizes("base", candidates=100, images=1000, batch=50, rounds=30, reencode_rounds=10,
+        return BlipSizes("base", candidates=100, images=600, batch=50, rounds=30, reencode_rounds=8,
                          workers=min(8, max(1, (os.cpu_count() or 2) // 2)), low_res=224)
-    # CPU: BLIP-base's vision model takes ~0.6 s per 384 px image on 2 cores, so each re-encoding
-    # of 100 images is timed once, and decoding stays in-process (the forward needs both cores).
-    return BlipSizes("base", candidates=100, images=100, batch=25, rounds=3, reencode_rounds=1, workers=0, low_res=224)
+    # CPU: for BLIP-base on 2 cores re-encoding 100 images at 384 px takes over a minute and even the
+    # cached path ~15 s (the text side projects every cached token to keys and values in each of its
+    # 12 cross-attention layers), so each path is timed once; decoding stays in-process (the
+    # forward needs both cores).
+    return BlipSizes("base", candidates=100, images=100, batch=25, rounds=1, reencode_rounds=1, workers=0, low_res=224,
+                     reencode_files=False, warmup=False)
 
 
 class _CacheFolder:
@@ -94,7 +101,7 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
     import torch
 
     from ..stages.rerankers.blip_itm import BlipItmReranker
-    from .blip_index import first_stage
+    from .blip_index import first_stage, index_files
     from .blip_model import random_checkpoint
 
     sizes = sizes or sizes_for(device, quick)
@@ -121,9 +128,11 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
         "options": {},
         "reencode": {},
         "index": {},
+        "compute": {},
     }
     cache_root = workdir / "blip-caches"
     shutil.rmtree(cache_root, ignore_errors=True)
+    without = index_files(encoder, paths)  # the same first stage for every resolution: once
     reference: np.ndarray | None = None
     try:
         for res in resolutions:
@@ -131,9 +140,10 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
             for stage in stages.values():
                 stage.bind(encoder=encoder, store=_CacheFolder(cache_root))
                 stage.warm_up()
-            group = _resolution(stages, encoder, paths, sizes, res)
+            group = _resolution(stages, encoder, paths, sizes, without)
             out["index"][str(res)] = group["index"]
             out["reencode"][str(res)] = group["reencode"]
+            out["compute"][str(res)] = _compute(stages["fp16"])
             if res == native:
                 out["parity"] = _parity(stages["fp16"], group["pixels"], sizes, device)
                 reference = group["scores"]["fp16"]
@@ -161,18 +171,18 @@ def _precision(device: str) -> str:
 # ---- one input resolution: index, bytes, timing, scores ------------------------------------
 
 
-def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: BlipSizes, res: int) -> dict[str, Any]:
+def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: BlipSizes, without: Any) -> dict[str, Any]:
     import torch
 
-    from ..query import Query
     from ..stages.base import batched
+    from ..stages.rerankers.blip_itm import storage as codec
     from .blip_index import index_files
 
     main = stages["fp16"]
     side = main.image_side()  # every option at this resolution: same model, same tokens
+    res = side.transform.size
 
-    # index: without, then with BLIP tokens (the second run fills every option's cache)
-    without = index_files(encoder, paths)
+    # index with BLIP tokens: fills every option's cache
     writers = {s: st.token_writer() for s, st in stages.items()}
     with_ = index_files(encoder, paths, image_side=side, writers=list(writers.values()))
     index = {
@@ -202,86 +212,126 @@ def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: 
 
     hits = _hits(ids)
     retrieval = np.array([h.first_stage_image_score for h in hits], dtype=np.float64)
-    itc = main.config.itc_weight
-    device = main.device
+    itc, device = main.config.itc_weight, main.device
     cand = paths[: sizes.candidates]
-    pixels = [torch.stack([side.transform(_decode(p)) for p in chunk]) for chunk in batched(cand, sizes.batch)]
+
+    def preprocess() -> list[Any]:  # decode + BLIP's preprocessing, in the index run's batches
+        return [torch.stack([side.transform(_decode(p)) for p in chunk]) for chunk in batched(cand, sizes.batch)]
+
+    pixels = preprocess()
     if device.startswith("cuda"):
-        pixels = [p.pin_memory() for p in pixels]
+        pixels = [p.pin_memory() for p in pixels]  # as a DataLoader with pin_memory leaves them
 
-    def reencode(batches: Callable[[], Any]) -> np.ndarray:
-        tokens = torch.cat([side.tokens(px) for px in batches()])  # [n, P, W] on the device
-        return main.itm_logits(Query(QUERY, None), tokens) + itc * retrieval
+    def reencode(batches: Any) -> np.ndarray:
+        tokens = torch.cat([side.tokens(px) for px in batches])  # [n, P, W] on the device
+        return main.itm_logits(_query(), tokens) + itc * retrieval
 
-    def from_files():
-        for chunk in batched(cand, sizes.batch):
-            yield torch.stack([side.transform(_decode(p)) for p in chunk])
+    def from_files() -> np.ndarray:
+        return reencode(torch.stack([side.transform(_decode(p)) for p in chunk]) for chunk in batched(cand, sizes.batch))
 
-    cached = {s: (lambda st=st: st.score(Query(QUERY, None), hits)) for s, st in stages.items()}
-    reads = {s: (lambda st=st: st.cached_tokens(ids)) for s, st in stages.items()}
-    reencoders = {"vision_on_pixels": lambda: reencode(lambda: iter(pixels)), "decode_preprocess_vision": lambda: reencode(from_files)}
-    samples = _timed(cached, reads, reencoders, sizes, device)
+    last: dict[str, np.ndarray] = {}  # each path's scores, from its last timed call
 
-    # scores: cached vs re-encoded (stored in the same option, and not stored)
+    def keep(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call():
+            last[name] = fn()
+        return call
+
+    cached = {f"cached_{s}": keep(s, lambda st=st: st.score(_query(), hits)) for s, st in stages.items()}
+    reads = {f"read_{s}": (lambda st=st: st.cached_tokens(ids)) for s, st in stages.items()}
+    reencoders = {"vision_on_pixels": keep("unstored", lambda: reencode(pixels))}
+    if sizes.reencode_files:
+        reencoders["decode_preprocess_vision"] = from_files
+    samples = _timed({**cached, **reads}, reencoders, sizes, device)
+    samples["decode_preprocess"] = _timed({"decode_preprocess": preprocess}, {}, replace(sizes, rounds=3, warmup=False), "cpu")["decode_preprocess"]
+    vision, decode = summary(samples["vision_on_pixels"]), summary(samples["decode_preprocess"])
+    if sizes.reencode_files:
+        with_decode = summary(samples["decode_preprocess_vision"])
+    else:
+        with_decode = {"n": min(vision["n"], decode["n"]), "p50_ms": round(vision["p50_ms"] + decode["p50_ms"], 4),
+                       "method": "sum of the separately timed steps: decode_preprocess p50 + vision_on_pixels p50"}
+
+    # scores: cached vs the re-encoded tokens stored in the same option (must be identical), and
+    # vs the re-encoded tokens as they are (the option's own loss)
     fresh = torch.cat([side.tokens(px) for px in pixels]).float()
-    unstored = main.itm_logits(Query(QUERY, None), fresh) + itc * retrieval
-    scores = {s: cached[s]() for s in stages}
     tol = 1e-4 if device == "cpu" else 2e-3
     for s, st in stages.items():
-        from ..stages.rerankers.blip_itm import storage as codec
-
         stored = codec.decode(codec.encode(fresh.cpu().numpy(), s), s, st.geometry["width"], device=device)
-        same = st.itm_logits(Query(QUERY, None), stored) + itc * retrieval
-        diff = float(np.abs(scores[s] - same).max())
+        same = st.itm_logits(_query(), stored) + itc * retrieval
+        diff = float(np.abs(last[s] - same).max())
         bound = tol * max(1.0, float(np.abs(same).max()))
-        c, a, b = (summary(samples[k]) for k in (f"cached_{s}", "vision_on_pixels", "decode_preprocess_vision"))
+        c = summary(samples[f"cached_{s}"])
         options[s].update({
             "cached": c,
             "cache_read": summary(samples[f"read_{s}"]),
-            "speedup_vs_reencode_vision": figure(a["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
+            "speedup_vs_reencode_vision": figure(vision["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
                                                  ratio_is="re-encoding (vision model on preprocessed pixels) / cached: the speed-up"),
-            "speedup_vs_reencode_with_decode": figure(b["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
+            "speedup_vs_reencode_with_decode": figure(with_decode["p50_ms"], "ms p50", f"cached {s} tokens, p50", c["p50_ms"],
                                                       ratio_is="re-encoding (decode + preprocess + vision model) / cached: the speed-up"),
             "scores": {
                 "identical": diff <= bound,
                 "max_abs_diff_vs_reencoded_same_storage": diff,
                 "tolerance": bound,
-                "max_abs_diff_vs_reencoded_unstored": float(np.abs(scores[s] - unstored).max()),
-                "score_range": [float(scores[s].min()), float(scores[s].max())],
+                "max_abs_diff_vs_reencoded_unstored": float(np.abs(last[s] - last["unstored"]).max()),
+                "score_range": [float(last[s].min()), float(last[s].max())],
             },
         })
         if diff > bound:
             log.warning("bench blip: cached %s scores differ from re-encoded ones by %.3g (tolerance %.3g)", s, diff, bound)
     reencode_report = {
         "what": f"BLIP re-encoding the same {len(ids)} images per query, then the stage's text side: vision_on_pixels = "
-                "pixels decoded and preprocessed before the clock (on the host); decode_preprocess_vision = from the files",
-        "vision_on_pixels": summary(samples["vision_on_pixels"]),
-        "decode_preprocess_vision": summary(samples["decode_preprocess_vision"]),
+                "pixels decoded and preprocessed before the clock (on the host); decode_preprocess_vision = from the files; "
+                "decode_preprocess = that step alone (in-process, one thread)",
+        "vision_on_pixels": vision,
+        "decode_preprocess_vision": with_decode,
+        "decode_preprocess": decode,
     }
     log.info("bench blip %d px: cached fp16 %.1f ms, re-encode %.1f ms (%.1f ms with decode)", res,
-             options["fp16"]["cached"]["p50_ms"], reencode_report["vision_on_pixels"]["p50_ms"],
-             reencode_report["decode_preprocess_vision"]["p50_ms"])
-    return {"index": index, "options": options, "reencode": reencode_report, "scores": scores, "pixels": pixels}
+             options["fp16"]["cached"]["p50_ms"], vision["p50_ms"], with_decode["p50_ms"])
+    return {"index": index, "options": options, "reencode": reencode_report, "scores": {s: last[s] for s in stages}, "pixels": pixels}
 
 
-def _timed(cached: dict[str, Callable], reads: dict[str, Callable], reencoders: dict[str, Callable], sizes: BlipSizes,
-           device: str) -> dict[str, list[float]]:
-    """Interleaved samples: every round times each option's cached path and cache read; the
-    first ``reencode_rounds`` rounds also each re-encoding path (right after the cached ones)."""
-    calls = {**{f"cached_{s}": f for s, f in cached.items()}, **{f"read_{s}": f for s, f in reads.items()}}
-    for fn in calls.values():  # warm-up (allocations, kernel choice, page cache)
-        clock(fn, device)
-    if device.startswith("cuda"):  # cheap there; on a CPU the index run has warmed the model
-        for fn in reencoders.values():
+def _timed(calls: dict[str, Callable], reencoders: dict[str, Callable], sizes: BlipSizes, device: str) -> dict[str, list[float]]:
+    """Interleaved samples: every round times each of ``calls``; the first ``reencode_rounds``
+    rounds also each re-encoding path (right after them)."""
+    if sizes.warmup:  # allocations, kernel choice, page cache
+        for fn in [*calls.values(), *reencoders.values()]:
             clock(fn, device)
     out: dict[str, list[float]] = {k: [] for k in [*calls, *reencoders]}
-    for r in range(sizes.rounds):
-        for name, fn in calls.items():
-            out[name].append(clock(fn, device)[0])
+    for r in range(max(sizes.rounds, sizes.reencode_rounds if reencoders else 0)):
+        if r < sizes.rounds:
+            for name, fn in calls.items():
+                out[name].append(clock(fn, device)[0])
         if r < sizes.reencode_rounds:
             for name, fn in reencoders.items():
                 out[name].append(clock(fn, device)[0])
     return out
+
+
+def _compute(stage: Any) -> dict[str, Any]:
+    """Multiply-accumulates per query and candidate from the model's config (analytic, not
+    measured): what caching saves (the vision tower) and what every query still pays (the text
+    side, whose cross-attention projects all P cached tokens to keys and values in each layer)."""
+    cfg = stage.model.config
+    tc, vc = cfg.text_config, cfg.vision_config
+    P, L = stage.geometry["tokens"], int(stage.query_tokens(_query()).ids.shape[1])
+    wt, wv, ew = tc.hidden_size, vc.hidden_size, getattr(tc, "encoder_hidden_size", vc.hidden_size)
+    vision = vc.num_hidden_layers * (4 * P * wv * wv + 2 * P * P * wv + 2 * P * wv * vc.intermediate_size) + (P - 1) * 3 * vc.patch_size ** 2 * wv
+    kv = tc.num_hidden_layers * 2 * P * ew * wt
+    rest = tc.num_hidden_layers * (4 * L * wt * wt + 2 * L * L * wt + 2 * L * wt * wt + 2 * L * P * wt + 2 * L * wt * tc.intermediate_size)
+    return {
+        "what": "analytic multiply-accumulates (G) from the config, not measured",
+        "query_tokens": L,
+        "vision_gmac_per_image": round(vision / 1e9, 2),
+        "text_side_gmac_per_candidate": round((kv + rest) / 1e9, 2),
+        "of_which_cross_attention_kv_projection": round(kv / 1e9, 2),
+        "caching_ceiling": round((vision + kv + rest) / (kv + rest), 2),  # re-encode / cached when compute-bound
+    }
+
+
+def _query() -> Any:
+    from ..query import Query
+
+    return Query(QUERY, None)
 
 
 def _decode(path: Path):
@@ -307,13 +357,11 @@ def _parity(stage: Any, pixels: list[Any], sizes: BlipSizes, device: str) -> dic
     ``BlipForImageTextRetrieval`` forward (fp32 only: on CUDA the stage runs under autocast)."""
     import torch
 
-    from ..query import Query
-
     if device != "cpu":
         return {"measured": False, "why": f"the stage runs {_precision(device)} on {device}; parity (1e-4) is defined in fp32 "
                                           "on CPU (tests/integration/test_blip_itm.py checks it)"}
     px = torch.cat(pixels)[: sizes.parity_images]
-    query = Query(QUERY, None)
+    query = _query()
     q = stage.query_tokens(query)
     ours = stage.itm_logits(query, stage.image_side().tokens(px))
     with torch.inference_mode():

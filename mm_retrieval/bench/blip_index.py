@@ -15,7 +15,6 @@ The first stage is the product's open_clip encoder stage where open_clip is inst
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +101,11 @@ class ClipStandIn(Encoder):
 def first_stage(device: str, *, quick: bool, batch_size: int, workers: int) -> tuple[Encoder, str]:
     """(warm encoder, description): open_clip's ViT-B-32 (``mmr-tiny`` when quick) through the
     product's encoder stage where open_clip is installed, else :class:`ClipStandIn`."""
-    if importlib.util.find_spec("open_clip") is not None:
+    try:
+        import open_clip  # noqa: F401  (the encoder stage imports it when it warms up)
+    except ImportError:
+        open_clip = None
+    if open_clip is not None:
         from ..stages.encoders.open_clip import OpenClipEncoder
 
         model = "mmr-tiny" if quick else "ViT-B-32"

@@ -114,8 +114,9 @@ class DeviceScorer:
             return {}
         rr = self.reranker
         if rr is not None and not rr.reads_image_tokens:
-            raise ApiError(422, f"this server's reranker ({rr.label}) scores indexed images only; send indexed paths or ids, "
-                                "or serve a reranker that reads image tokens (the built-in cross_attention one)")
+            raise ApiError(422, f"this server's reranker ({rr.label}) scores indexed images only (it reads what `mmr index` "
+                                "cached for each image); index the image first and send its path or id, or serve a reranker "
+                                "that reads the encoder's image tokens (the built-in cross_attention one)")
         with_tokens = rr is not None
         pixels = torch.stack([jobs[j].candidates[i].pixels for j, i in todo])
         emb, raw = self.encoder.encode_pixels(pixels, with_tokens=with_tokens)

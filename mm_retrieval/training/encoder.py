@@ -61,7 +61,8 @@ _LOSS_RE = re.compile(r"Train Epoch: (\d+) .*?(?<![\w])Loss: (\S+) \((\S+)\)")
 _TAIL_LINES = 40
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # as open_clip's hub export
-_PROGRESS_MARKERS = ("Start epoch", "Train Epoch", "resume checkpoint", "=> resuming")
+# Relayed at INFO with progress on; the per-batch "Train Epoch" lines are summed up per epoch instead.
+_PROGRESS_MARKERS = ("resume checkpoint", "=> resuming")
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,9 @@ def _run_open_clip_train(
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     epoch_avg: dict[int, float] = {}
     final_loss = None
+    epochs = int(argv[argv.index("--epochs") + 1])
+    started = time.monotonic()
+    done: set[int] = set()
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         errors="replace", bufsize=1,
@@ -421,7 +425,14 @@ def _run_open_clip_train(
                 final_loss = float(match.group(2))
                 epoch_avg[int(match.group(1))] = float(match.group(3))
             logger.log(_level_of(line, progress), "open_clip_train: %s", line)
+            started_epoch = _started_epoch(line)  # a new epoch starts: the ones before it are done
+            for e in sorted(e for e in epoch_avg if e not in done and e < started_epoch):
+                done.add(e)
+                _log_epoch(e, epochs, epoch_avg[e], started, len(done), progress)
         rc = proc.wait()
+        for e in sorted(set(epoch_avg) - done) if rc == 0 else ():  # the last epoch
+            done.add(e)
+            _log_epoch(e, epochs, epoch_avg[e], started, len(done), progress)
     finally:
         if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): don't leave it running
             proc.terminate()
@@ -441,6 +452,19 @@ def _run_open_clip_train(
             f"Its last lines:\n{log}"
         )
     return final_loss, tuple(epoch_avg[e] for e in sorted(epoch_avg))
+
+
+def _started_epoch(line: str) -> int:
+    match = re.search(r"Start epoch (\d+)", line)
+    return int(match.group(1)) if match else -1
+
+
+def _log_epoch(epoch: int, epochs: int, loss: float, started: float, n_done: int, progress: bool) -> None:
+    """One progress line per finished epoch: its mean loss, time so far and an estimate of the rest."""
+    elapsed = time.monotonic() - started
+    eta = elapsed / n_done * max(0, epochs - epoch - 1)
+    logger.log(logging.INFO if progress else logging.DEBUG,
+               "train-encoder: epoch %d/%d loss %.4f (%.0fs so far, ~%.0fs left)", epoch + 1, epochs, loss, elapsed, eta)
 
 
 def _level_of(line: str, progress: bool) -> int:

@@ -22,6 +22,7 @@ from mm_retrieval import Pipeline
 from mm_retrieval.backfill import cache_info
 from mm_retrieval.cli import main
 from mm_retrieval.query import Query
+from mm_retrieval.server import ServerConfig
 from mm_retrieval.server.testing import DemoCollection
 from mm_retrieval.stages.rerankers.blip_itm import BlipItmReranker
 from mm_retrieval.stages.rerankers.blip_itm import storage as codec
@@ -33,6 +34,7 @@ pytest.importorskip("transformers")
 
 TINY_ARGS = ["--model", TINY["model"], "--pretrained", TINY["pretrained"], "--workers", "0"]
 QUERY = "a red picture"
+KEY = "blip-key"
 TOKENS = (TINY_BLIP["image_size"] // TINY_BLIP["patch_size"]) ** 2 + 1, TINY_BLIP["vision_width"]  # (17, 48)
 
 
@@ -127,7 +129,20 @@ def test_index_with_rerank_caches_blips_own_tokens(db, pipe, blip_dir, capsys):
     assert (info["info"]["tokens"], info["info"]["width"], info["info"]["storage"]) == (*TOKENS, "fp16")
     assert info["info"]["bytes_per_image"] == info["bytes_per_item"]
     assert main(["cache", "info", "--db", db]) == 0
-    assert f"[{TOKENS[0]}, {TOKENS[1]}] fp16" in capsys.readouterr().err
+    assert f"[{TOKENS[0]}, {TOKENS[1]}] fp16" in capsys.readouterr().out  # results: stdout
+
+
+@pytest.mark.slow  # spawns decoding workers (each imports torch: seconds on 2 cores)
+def test_decoding_workers_compute_the_same_tokens(db, table, blip_dir, tmp_path):
+    """With workers, each file is decoded once in a worker that runs both preprocessings (the
+    first stage's and BLIP's, picklable), and the tokens are those of the in-process run."""
+    other = str(tmp_path / "mmr.db")
+    assert main(["index", str(table), "--db", other, *TINY_ARGS[:-2], "--workers", "2", "--batch-size", "3",
+                 "--rerank", str(blip_dir), "--no-progress"]) == 0
+    a, b = (open_existing(next(p for p in caches_in(_cache_dir(d)) if "blip-" in p.name)) for d in (db, other))
+    ids = a.ids()
+    assert len(ids) == 8 and sorted(ids) == sorted(b.ids())
+    assert all(np.array_equal(a.get([i])[i], b.get([i])[i]) for i in ids)
 
 
 # ---- query time ---------------------------------------------------------------------------
@@ -267,10 +282,15 @@ def demo(db, table, blip_dir):
 
 
 @pytest.fixture(scope="module")
+def server_config():
+    return ServerConfig(api_key=KEY)  # Milvus' cohere provider insists on sending a key
+
+
+@pytest.fixture(scope="module")
 def client(served):
     import httpx
 
-    with httpx.Client(base_url=served[0].url, timeout=60) as c:
+    with httpx.Client(base_url=served[0].url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         yield c
 
 
@@ -322,7 +342,9 @@ def test_serve_explain_and_inline_images(client, pipe, demo, tmp_path):
     new = make_image(tmp_path / "cyan.png", (10, 200, 200), seed=7)  # not in the collection: BLIP has no tokens for it
     inline = "data:image/png;base64," + base64.b64encode(new.read_bytes()).decode()
     res = client.post("/v2/rerank", json={"model": "m", "query": QUERY, "documents": [demo.paths[1], inline]})
-    assert res.status_code == 422 and "indexed images only" in res.text, res.text
+    assert res.status_code == 400 and "indexed images only" in res.json()["message"], res.text  # Cohere's 4xx
+    res = client.post("/v1/rerank", json={"query": QUERY, "documents": [demo.paths[1], inline]})
+    assert res.status_code == 400 and "index the image first" in res.json()["error"]["message"], res.text  # vLLM's
     copy = "data:image/png;base64," + base64.b64encode(open(demo.paths[0], "rb").read()).decode()
     res = client.post("/v2/rerank", json={"model": "m", "query": QUERY, "documents": [demo.paths[0], copy]})
     assert res.status_code == 200, res.text  # an inline copy of an indexed image is that image
@@ -336,7 +358,7 @@ def test_milvus_rerank_function_orders_like_mmr_search(served, pipe):
     server, _ = served
     ranker = Function(name="mmr_rerank", input_field_names=["path"], function_type=FunctionType.RERANK,
                       params={"reranker": "model", "provider": "cohere", "model_name": "mmr", "queries": [QUERY],
-                              "base_url": f"{server.url}/v2"})
+                              "base_url": f"{server.url}/v2", "api_key": KEY})
     store = pipe.store
     hits = store.client.search(store.name, data=pipe.encoder.encode_text([QUERY]).tolist(), anns_field="vector", limit=3,
                                output_fields=["path"], search_params={"metric_type": "IP"}, ranker=ranker)[0]

@@ -33,8 +33,8 @@ def test_index_then_search_json(tmp_path, image_folder):
     assert [h["rank"] for h in doc["hits"]] == [1, 2, 3]
 
     human = mmr("search", "a red picture", "--k", "2", cwd=tmp_path)
-    assert human.returncode == 0 and human.stdout == ""  # human output goes to stderr
-    assert "1." in human.stderr and "2." in human.stderr
+    assert human.returncode == 0 and "1." in human.stdout and "2." in human.stdout  # results: stdout
+    assert "1." not in human.stderr
 
 
 def test_empty_query_exit_code_2(tmp_path):

@@ -169,9 +169,10 @@ def test_index_run_ends_with_a_flush_on_milvus_lite(tiny_pipeline, image_folder)
     # Milvus Lite brute-forces rows left in growing segments (the search bench measures it), so
     # an index run seals them even on a local database.
     store = tiny_pipeline.store
-    store.client = rec = RecordingClient(store.client)
+    store.client = rec = RecordingClient(store._milvus)  # (_milvus: connects, creating the new database)
     tiny_pipeline.index(image_folder, progress=False)
-    assert "upsert" in rec.calls and rec.calls[-1] == "flush"
+    writes = [c for c in rec.calls if c != "has_collection"]  # (a new collection: index then asks it was created)
+    assert "upsert" in writes and writes[-1] == "flush"
     red = next(image_folder.rglob("red.png"))
     assert tiny_pipeline.search(image=str(red), mode="image", k=1).hits[0].path == str(red)
     rec.calls.clear()

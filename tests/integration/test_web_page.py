@@ -164,7 +164,7 @@ def test_search_rerank_toggle_and_paging(browser, server, api):
     wait(browser, thumbnails_loaded, "the thumbnails (fetched with the API key)")
     first = el(browser, "#results .card")
     assert f"rerank {reranked['hits'][0]['score']:.3f}" in first.text
-    assert f"first {reranked['hits'][0]['retrieval_score']:.3f}" in first.text
+    assert f"image {reranked['hits'][0]['retrieval_score']:.3f}" in first.text
     assert "reranked" in el(browser, "#status").text
     shot(browser, "1-reranked")
 
@@ -292,3 +292,56 @@ def test_without_a_reranker_the_toggle_is_off_and_says_why(browser, demo):
         wait(browser, lambda d: len(cards(d)) == PER_PAGE, "results from the first stage")
         assert "rerank –" in el(browser, "#results .card").text
         shot(browser, "8-no-reranker")
+
+
+def test_hybrid_cards_and_detail_show_the_same_labelled_scores(browser, tmp_path_factory):
+    """Hybrid + rerank: each card shows the fused score (the order), the reranker's, the image and
+    the caption similarity, each labelled; the detail panel shows the same numbers under the same
+    names, and the attention view's image similarity is the card's."""
+    import pandas as pd
+
+    from mm_retrieval import Pipeline
+    from mm_retrieval.server.testing import COLORS, TINY_ENCODER, DemoCollection, make_image, save_demo_reranker
+
+    root = tmp_path_factory.mktemp("hybrid-page")
+    rows = [{"path": str(make_image(root / "img" / f"{n}.png", rgb, seed=i)), "caption": f"a {n} picture"}
+            for i, (n, rgb) in enumerate(COLORS.items())]
+    pd.DataFrame(rows).to_csv(root / "items.csv", index=False)
+    indexer = Pipeline(db=str(root / "mmr.db"), encoder=TINY_ENCODER)
+    indexer.index(root / "items.csv", progress=False)
+    ckpt = save_demo_reranker(indexer, root / "reranker")
+    demo = DemoCollection(root=root, db=str(root / "mmr.db"), collection=indexer.store.name, checkpoint=ckpt,
+                          paths=[r["path"] for r in rows])
+    indexer.close()
+    with serve_demo(None, ServerConfig(api_key=KEY), demo=demo) as (server, _):
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as c:
+            doc = c.post("/search", json={"query": QUERY, "k": PER_PAGE, "candidates": 100}).json()
+        assert doc["mode"] == "hybrid" and doc["reranked"]
+        open_page(browser, server)
+        search_for(browser, QUERY)
+        wait_cards(browser, ids(doc), "the hybrid, reranked first page")
+        status = el(browser, "#status").text
+        assert "mode hybrid" in status and "ordered by the fused score" in status
+        pills = browser.execute_script(
+            "return [...document.querySelectorAll('#results .card')].map(c => "
+            "Object.fromEntries([...c.querySelectorAll('.score[data-score]')].map(p => [p.dataset.score, p.textContent])))")
+        for hit, shown in zip(doc["hits"], pills):
+            assert shown == {"fused": f"fused {hit['score']:.3f}", "rerank": f"rerank {hit['rerank_score']:.3f}",
+                             "image": f"image {hit['image_score']:.3f}", "text": f"text {hit['text_score']:.3f}"}
+        shot(browser, "9-hybrid-scores")
+
+        top = doc["hits"][0]
+        el(browser, "#results .card").click()
+        wait(browser, lambda d: el(d, "#detail").is_displayed(), "the detail view")
+        detail = browser.execute_script(
+            "const dl = document.getElementById('detail-scores');"
+            "return Object.fromEntries([...dl.querySelectorAll('dt')].map(dt => [dt.textContent, dt.nextElementSibling.textContent]))")
+        assert detail["Rank"] == "#1 (by fused score)"
+        assert detail["Fused score"].startswith(f"{top['score']:.3f} · ")
+        assert detail["Reranker score"].startswith(f"{top['rerank_score']:.3f} · ")
+        assert detail["Image similarity"].startswith(f"{top['image_score']:.3f} · ")
+        assert detail["Caption similarity"].startswith(f"{top['text_score']:.3f} · ")
+        assert not any("first" in k.lower() for k in detail)  # no unlabelled "first-stage score" (it was the RRF value)
+        wait(browser, lambda d: "image similarity" in el(d, "#explain-status").text, "the attention view")
+        assert f"image similarity {top['image_score']:.3f}" in el(browser, "#explain-status").text
+        shot(browser, "10-hybrid-detail")

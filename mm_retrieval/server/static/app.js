@@ -176,8 +176,9 @@ function render(doc, body) {
   else if (body.query === undefined && state.info.reranker) how += " (image queries are not reranked)";
   else if (state.info.reranker && body.rerank === false) how += " (rerank off)";
   const ms = doc.timings_ms && doc.timings_ms.total !== undefined ? ` · ${Math.round(doc.timings_ms.total)} ms` : "";
+  const order = hits.length ? scoreColumns(doc, body.query === undefined)[0] : null;
   $("status").textContent = hits.length
-    ? `Results ${first}–${first + hits.length - 1} · ${how} · mode ${doc.mode}${ms}`
+    ? `Results ${first}–${first + hits.length - 1} · ${how} · mode ${doc.mode} · ordered by the ${order.name} (${order.meaning})${ms}`
     : (body.offset ? "No more results." : `No results${body.filter ? " (the filter may exclude everything)" : ""}.`);
   grid.dataset.reranked = String(doc.reranked);
   for (const hit of hits) grid.append(card(hit, doc));
@@ -211,19 +212,42 @@ function card(hit, doc) {
   head.querySelector(".name").title = hit.path;
   const scores = document.createElement("div");
   scores.className = "scores";
-  // Hybrid + rerank: `score` fuses the reranker's order with the caption leg; show the reranker's own.
-  const fused = doc.reranked && hit.rerank_score != null;
-  scores.append(
-    pill(doc.reranked ? `rerank ${fmt(fused ? hit.rerank_score : hit.score)}` : "rerank –", doc.reranked ? "rerank" : "none",
-      !doc.reranked ? "Not reranked" : fused ? "The reranker's score; the list is sorted by it fused with the caption match"
-        : "The reranker's score (sorts this list)"),
-    pill(`first ${fmt(hit.retrieval_score)}`, "first", "First-stage similarity (cosine) from Milvus"));
+  // The same columns, values and meanings as the detail panel (scoreColumns): the two never disagree.
+  scoreColumns(doc, state.request && state.request.query === undefined).forEach((c, i) => {
+    const p = pill(`${c.label} ${fmt(c.value(hit))}`, c.kind, `${c.name}: ${c.meaning}${i === 0 ? " (this list's order)" : ""}`);
+    p.dataset.score = c.key;
+    scores.append(p);
+  });
+  if (!doc.reranked) scores.append(pill("rerank –", "none", "Not reranked"));
   cap.append(head, scores);
   fig.append(box, cap);
   const open = () => openDetail(hit, doc);
   fig.addEventListener("click", open);
   fig.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
   return fig;
+}
+
+// The scores a hit shows, the one the list is ordered by first. Hybrid hits carry all of them:
+// `score` (fused), `rerank_score`, `image_score`, `text_score`; image mode: `score` (the reranker's
+// when reranked) and `retrieval_score` (the image-vector cosine); text mode: `score` (text cosine).
+function scoreColumns(doc, byImage) {
+  const query = byImage ? "query image" : "query";
+  const image = { key: "image", label: "image", kind: "first", name: "image similarity",
+    meaning: `cosine of the ${query} and the image vectors`, value: (h) => h.retrieval_score };
+  const text = { key: "text", label: "text", kind: "text", name: "caption similarity",
+    meaning: `cosine of the ${query} and the caption vectors`, value: (h) => h.text_score };
+  const rerank = { key: "rerank", label: "rerank", kind: "rerank", name: "reranker score",
+    meaning: "the reranker's score (a logit: higher is better)", value: (h) => h.score };
+  if (doc.mode === "hybrid") {
+    const fused = { key: "fused", label: "fused", kind: "fused", name: "fused score",
+      meaning: `fusion of the ${doc.reranked ? "reranker" : "image"} ranking and the caption ranking`, value: (h) => h.score };
+    const cols = [fused];
+    if (doc.reranked) cols.push({ ...rerank, value: (h) => h.rerank_score });
+    return cols.concat([{ ...image, value: (h) => h.image_score }, text]);
+  }
+  if (doc.mode === "text") return [{ ...text, value: (h) => h.score }];
+  if (doc.reranked) return [rerank, image];
+  return [{ ...image, value: (h) => h.score }];
 }
 
 function pill(text, kind, title) {
@@ -292,10 +316,10 @@ async function openDetail(hit, doc) {
   $("detail-title").textContent = basename(hit.path);
   const dl = $("detail-scores");
   dl.textContent = "";
-  const fused = doc.reranked && hit.rerank_score != null;
-  const rows = [["Rank", `#${hit.rank}`], ["Reranker score", doc.reranked ? fmt(fused ? hit.rerank_score : hit.score) : "– (not reranked)"],
-    ["First-stage score", fmt(hit.retrieval_score)]];
-  if (fused) rows.push(["Fused with caption match", fmt(hit.score)]);
+  const cols = scoreColumns(doc, !query);
+  const rows = [["Rank", `#${hit.rank} (by ${cols[0].name})`]];
+  for (const c of cols) rows.push([c.name[0].toUpperCase() + c.name.slice(1), `${fmt(c.value(hit))} · ${c.meaning}`]);
+  if (!doc.reranked) rows.push(["Reranker score", "– (not reranked)"]);
   if (hit.caption) rows.push(["Caption", hit.caption]);
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;
@@ -348,7 +372,7 @@ async function openDetail(hit, doc) {
   for (let h = 0; h < ex.heads; h++) head.append(new Option(`head ${h + 1}`, String(h)));
   head.value = "-1";
   $("explain-status").textContent =
-    `${ex.grid[0]}×${ex.grid[1]} image patches. Reranker ${fmt(ex.score)} · first stage ${fmt(ex.retrieval_score)}.`;
+    `${ex.grid[0]}×${ex.grid[1]} image patches. Reranker score ${fmt(ex.score)} · image similarity ${fmt(ex.retrieval_score)}.`;
   draw();
 }
 

@@ -157,8 +157,13 @@ class OpenClipEncoder(Encoder):
         self.device = resolve_device(self.config.device)
         for f in _pickled_weight_files(name, pretrained):
             _check_pickled_weights(f)
+        # Weights not in the local cache and a hub that can't be reached: one clear error now,
+        # instead of huggingface_hub's retries and warnings; cached weights load with no request.
+        cached = _weights_cached(name, pretrained, self.config.cache_dir)
+        if not cached and (_hub_offline() or not _remote_reachable(name, pretrained)):
+            raise _unreachable_error(name, pretrained, self.config.cache_dir)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _hub_requests(allowed=not cached), _no_duplicate_warning():
                 torch.manual_seed(self.config.seed)  # random-init weights identical in every process
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=pretrained, device=self.device, cache_dir=self.config.cache_dir
@@ -185,7 +190,14 @@ class OpenClipEncoder(Encoder):
 
     @property
     def dim(self) -> int:
-        """The embedding width (known once the model is loaded)."""
+        """The embedding width: from the model's config when it states it (so that :meth:`info`,
+        and with it the check against the collection's model, needs no download), else the
+        loaded model's."""
+        if not self._warm:
+            name, _, _ = self._resolved
+            width = _config_dim(name)
+            if width is not None:
+                return width
         self.warm_up()
         return self._dim
 
@@ -366,6 +378,146 @@ def _check_pickled_weights(path: Path) -> None:
             f"cannot load weights file {path}: only tensor checkpoints are accepted (.safetensors, or a "
             f".pt/.pth/.bin state dict loadable with torch.load(weights_only=True)); {type(e).__name__}: {e}"
         ) from e
+
+
+def _config_dim(name: str) -> int | None:
+    """The embedding width a model's config states (``embed_dim``), without loading it; None for
+    an ``hf-hub:`` model (its config is remote) or a config without it."""
+    if name.startswith("hf-hub:"):
+        return None
+    if name.startswith("local-dir:"):
+        try:
+            cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text()).get("model_cfg", {})
+        except (OSError, ValueError):
+            return None
+    else:
+        cfg = _model_cfg(name)
+    width = cfg.get("embed_dim") if isinstance(cfg, dict) else None
+    return int(width) if isinstance(width, int) else None
+
+
+# ---- offline: fail fast -------------------------------------------------------------------
+HUB_CONNECT_TIMEOUT = 3.0  # seconds a reachability test of the weights' host may take
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _remote_source(name: str, pretrained: str | None) -> tuple[str, str | None] | None:
+    """Where open_clip would fetch this model's weights: ("hub", "repo/file") or ("url", URL);
+    None when nothing is fetched (a local directory or file, or random weights)."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        return "hub", name[len("hf-hub:"):].rstrip("/") + "/open_clip_config.json"
+    if name.startswith("local-dir:") or pretrained is None or Path(pretrained).is_file():
+        return None
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    if cfg.get("hf_hub"):
+        return "hub", cfg["hf_hub"]
+    return ("url", cfg["url"]) if cfg.get("url") else None
+
+
+def _weights_cached(name: str, pretrained: str | None, cache_dir: str | None) -> bool:
+    """Whether the weights open_clip would fetch are in the local cache already (or nothing is
+    fetched): then loading needs no network request."""
+    source = _remote_source(name, pretrained)
+    if source is None:
+        return True
+    kind, where = source
+    if kind == "url":
+        folder = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "clip"
+        return (folder / os.path.basename(where or "")).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = os.path.split(where or "")
+    filename = filename or "open_clip_pytorch_model.bin"  # open_clip's HF_WEIGHTS_NAME
+    try:
+        from open_clip.pretrained import _get_safe_alternatives
+
+        names = [*_get_safe_alternatives(filename), filename]  # the files open_clip tries, in its order
+    except ImportError:  # another open_clip version: the file itself
+        names = [filename]
+    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names)
+
+
+def _remote_reachable(name: str, pretrained: str | None) -> bool:
+    """A TCP connection to the host serving the weights opens within a few seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    source = _remote_source(name, pretrained)
+    if source is None:
+        return True
+    if source[0] == "hub":
+        from huggingface_hub import constants
+
+        url = constants.ENDPOINT
+    else:
+        url = source[1] or ""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT):
+            return True
+    except OSError:
+        return False
+
+
+def _unreachable_error(name: str, pretrained: str | None, cache_dir: str | None) -> ModelLoadError:
+    from huggingface_hub import constants
+
+    what = name if name.startswith("hf-hub:") else f"{name} / {pretrained}"
+    source = _remote_source(name, pretrained)
+    host = constants.ENDPOINT if source is not None and source[0] == "hub" else "their download server"
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"{host} can't be reached (offline?)"
+    where = cache_dir or "the local cache"
+    return ModelLoadError(
+        f"could not fetch the weights for {what}: they are not in {where} and {why}. Fetch them once on a "
+        "connected machine (the same command downloads them), or pass --pretrained PATH (a local checkpoint file), "
+        "or --model DIR (a directory written by `mmr train-encoder`)."
+    )
+
+
+class _hub_requests:
+    """With ``allowed=False``: huggingface_hub answers from its cache only (no request, no retry)
+    while open_clip loads weights known to be cached; the setting is restored afterwards."""
+
+    def __init__(self, *, allowed: bool):
+        self.allowed = allowed
+
+    def __enter__(self) -> None:
+        from huggingface_hub import constants
+
+        self.before = constants.HF_HUB_OFFLINE
+        if not self.allowed:
+            constants.HF_HUB_OFFLINE = True
+
+    def __exit__(self, *exc: Any) -> None:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = self.before
+
+
+class _no_duplicate_warning:
+    """Drops open_clip's own "No pretrained weights loaded" warning (on the root logger) while
+    loading: this stage logs one that says what to do about it."""
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("No pretrained weights loaded"))
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self.filter)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().removeFilter(self.filter)
 
 
 def _model_cfg(name: str) -> dict:

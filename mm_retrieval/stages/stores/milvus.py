@@ -63,13 +63,12 @@ class MilvusStore(Store):
 
     # ---- connection ------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        from pymilvus import MilvusClient
-
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # we raise our own errors
         # Milvus Lite serves in-process and logs calls it doesn't implement (harmless ones, such as
         # the timestamp request create_collection makes) as errors on this logger.
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
+        self.client = None
         uri = self.config.uri
         if is_local_uri(uri):
             path = Path(uri).expanduser()
@@ -79,6 +78,19 @@ class MilvusStore(Store):
             # Milvus Lite keeps its data in a folder at this path; refuse to take over any other folder
             if path.is_dir() and any(path.iterdir()) and not (path / "collections").exists():
                 raise InputError(f"--db {uri} is a folder that is not a Milvus Lite database; give a new path such as {path / 'mmr.db'}")
+            if not path.exists():
+                # Connecting creates the database (and its folders): wait for the first write
+                # (ensure_collection), so that a read or a failed command leaves nothing behind.
+                self._forget()
+                return
+        self._connect()
+
+    def _connect(self) -> None:
+        from pymilvus import MilvusClient
+
+        uri = self.config.uri
+        if is_local_uri(uri):
+            path = Path(uri).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             uri = str(path.resolve())
         try:
@@ -132,8 +144,11 @@ class MilvusStore(Store):
 
     @property
     def _milvus(self) -> Any:
-        """The connected ``MilvusClient``: connects on first use, and again after :meth:`close`."""
+        """The connected ``MilvusClient``: connects on first use, and again after :meth:`close`
+        (a Milvus Lite file that does not exist yet is created here, by the first call that needs it)."""
         self.warm_up()
+        if self.client is None:
+            self._connect()
         return self.client
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -146,8 +161,11 @@ class MilvusStore(Store):
 
     # ---- collection lifecycle --------------------------------------------------------------
     def exists(self) -> bool:
-        """Whether the collection exists (asks Milvus every time: another process may drop it)."""
+        """Whether the collection exists (asks Milvus every time: another process may drop it).
+        A Milvus Lite file that isn't there holds no collection: answered without creating it."""
         self.warm_up()
+        if self.client is None and self.local_path is not None and not self.local_path.exists():
+            return False
         return bool(self._call("has_collection", self._milvus.has_collection, self.name))
 
     def encoder_info(self) -> dict[str, Any] | None:

@@ -133,7 +133,8 @@ def _complete(d: Path) -> bool:
 def _offline_error(repo: str, cache_dir: str | None, why: str) -> ModelLoadError:
     where = cache_dir or "the Hugging Face cache (HF_HOME)"
     return ModelLoadError(
-        f"cannot load the BLIP checkpoint {repo}: this machine is offline ({why}) and it is not in {where}. "
+        f"cannot load the BLIP checkpoint {repo}: there is no such directory here, this machine is offline ({why}) "
+        f"and it is not in {where}. "
         f"On a machine with internet run `huggingface-cli download {repo}` (or save it with "
         "BlipForImageTextRetrieval/BlipProcessor .save_pretrained(DIR)), copy the files here and pass --rerank PATH "
         "(the directory), or connect and retry."

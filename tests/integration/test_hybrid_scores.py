@@ -1,0 +1,84 @@
+"""Hybrid results explain their scores: `mmr search` labels the fused, reranker, image and text
+scores as separate columns, says which one orders the list, and each number is the hit's field."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from mm_retrieval import Pipeline
+from mm_retrieval.server.testing import COLORS, TINY_ENCODER, make_image, save_demo_reranker
+
+TINY_ARGS = ["--model", "mmr-tiny", "--pretrained", "none"]
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """8 images (5 with captions), a text-only row, and a small reranker for the tiny encoder."""
+    root = tmp_path_factory.mktemp("hybrid")
+    rows = [{"path": str(make_image(root / "img" / f"{n}.png", rgb, seed=i)), "caption": f"a {n} picture" if i < 5 else None}
+            for i, (n, rgb) in enumerate(COLORS.items())]
+    rows.append({"path": None, "caption": "a recipe for red soup"})
+    pd.DataFrame(rows).to_csv(root / "items.csv", index=False)
+    pipe = Pipeline(db=str(root / "mmr.db"), encoder=TINY_ENCODER)
+    pipe.index(root / "items.csv", progress=False)
+    ckpt = save_demo_reranker(pipe, root / "reranker")
+    args = ["--db", str(root / "mmr.db"), "--collection", pipe.store.name, *TINY_ARGS]
+    pipe.close()
+    return args, str(ckpt)
+
+
+def mmr(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mm_retrieval", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _cell(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+@pytest.mark.slow  # two `mmr` processes
+@pytest.mark.parametrize("rerank", [True, False])
+def test_hybrid_table_labels_every_score(captioned, rerank):
+    args, ckpt = captioned
+    extra = ["--rerank", ckpt] if rerank else ["--no-rerank"]
+    doc = json.loads(mmr("search", "a red picture", "--k", "9", "--mode", "hybrid", *args, *extra, "--json"))
+    lines = mmr("search", "a red picture", "--k", "9", "--mode", "hybrid", *args, *extra).splitlines()
+    assert doc["mode"] == "hybrid" and doc["reranked"] is rerank
+
+    head, legend, columns, *rows = lines
+    assert "hybrid mode" in head and head.endswith("ordered by fused")
+    labels = ["fused", "reranker", "image", "text"] if rerank else ["fused", "image", "text"]
+    assert columns.split()[1:-3] == labels  # "#.", the labels, "path / caption"
+    for label in labels:
+        assert f"{label}: " in legend
+    assert "fusion of the reranker ranking" in legend if rerank else "fusion of the image ranking" in legend
+
+    fields = ["score", "rerank_score", "image_score", "text_score"] if rerank else ["score", "image_score", "text_score"]
+    assert len(rows) == len(doc["hits"])
+    for line, hit in zip(rows, doc["hits"]):
+        cells = line.split()
+        assert cells[0] == f"{hit['rank']}."
+        assert cells[1 : 1 + len(fields)] == [_cell(hit.get(f)) for f in fields], line
+    # the table is ordered by the fused score, and the text-only item has no image similarity
+    assert [h["score"] for h in doc["hits"]] == sorted((h["score"] for h in doc["hits"]), reverse=True)
+    text_items = [line for line, h in zip(rows, doc["hits"]) if h.get("has_image") is False]
+    assert text_items or rerank  # the reranker scores images only; the first stage finds the recipe too
+    for line in text_items:
+        assert "(text item)" in line and line.split()[fields.index("image_score") + 1] == "-"
+
+
+@pytest.mark.slow
+def test_image_mode_table_says_reranker_then_image_cosine(captioned):
+    args, ckpt = captioned
+    doc = json.loads(mmr("search", "a red picture", "--k", "3", "--mode", "image", *args, "--rerank", ckpt, "--json"))
+    head, legend, columns, *rows = mmr("search", "a red picture", "--k", "3", "--mode", "image", *args, "--rerank", ckpt).splitlines()
+    assert head.endswith("ordered by reranker") and columns.split()[1:3] == ["reranker", "image"]
+    assert "image: cosine of the query and the image vectors" in legend
+    for line, hit in zip(rows, doc["hits"]):
+        assert line.split()[1:3] == [_cell(hit["score"]), _cell(hit["retrieval_score"])]
