@@ -233,7 +233,7 @@ def _fmt_score(value: float | None) -> str:
 
 @cli.command()
 @click.option("--dir", "workdir", default="mmr-demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo writes data, models and the database.")
-@click.option("--train", is_flag=True, help="Train the encoder and the reranker here (~40 min on 2 CPU cores) instead of using the shipped ones.")
+@click.option("--train", is_flag=True, help="Train the encoder and the reranker here (~50 min on 2 CPU cores) instead of using the shipped ones.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), help="With --train: copy the trained models to this folder in the shipped layout (how the package's demo weights are made).")
 @click.option("--model", help="Use this first stage instead of the demo's small one, and train a reranker for it (e.g. ViT-B-32; needs its weights).")
 @click.option("--pretrained", help="Weights for --model: a tag (downloaded, needs internet) or a local file.")

@@ -135,7 +135,7 @@ def run_demo(
         _copy_files(SHIPPED / "encoder", lay.encoder, ENCODER_FILES)
         _copy_files(SHIPPED / "reranker", lay.reranker, RERANKER_FILES)
         say(f"[2/5] using the shipped encoder (mmr-tiny trained {sizes.encoder_epochs} epochs on these training captions "
-            f"by `mmr demo --train`; copied to {lay.encoder}). `mmr demo --train` retrains it here (~40 min on 2 CPU cores)")
+            f"by `mmr demo --train`; copied to {lay.encoder}). `mmr demo --train` retrains it here (~50 min on 2 CPU cores)")
         encoder = {"model": str(lay.encoder)}
 
     base = Pipeline(db=str(lay.db), collection=lay.collection, encoder=encoder)
@@ -146,8 +146,8 @@ def run_demo(
     elif train or model is not None:
         say(f"[3/5] using the reranker in {lay.reranker}")
     else:
-        say(f"[3/5] using the shipped cross-attention reranker (trained {sizes.reranker_epochs} epochs by "
-            f"`mmr demo --train` on the shipped encoder's hard negatives; copied to {lay.reranker})")
+        say(f"[3/5] using the shipped cross-attention reranker (trained by `mmr demo --train` on the shipped encoder's "
+            f"hard negatives{_training_note(lay.reranker)}; copied to {lay.reranker})")
     if export is not None:
         out = export_models(lay, Path(export), sizes)
         say(f"      exported the encoder and reranker to {out} (the package's shipped layout)")
@@ -263,6 +263,15 @@ def _reranker_fits(path: Path, pipe: Any) -> bool:
         return json.loads(meta.read_text())["encoder_fingerprint"] == pipe.encoder.fingerprint
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def _training_note(path: Path) -> str:
+    """How long the reranker at ``path`` trained and which epoch it kept (early stopping)."""
+    try:
+        extra = json.loads((path / "reranker.json").read_text())["extra"]
+        return f": stopped after epoch {extra['epochs_run']}, kept epoch {extra['best_epoch']}, the best on validation"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _fresh_collection(pipe: Any, say: Callable[[str], None]) -> None:
