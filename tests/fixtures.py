@@ -26,9 +26,9 @@ os.environ["MMR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmr-test-cache-")
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A bench test is slow too, so `-m "not slow"` leaves it out as well."""
+    """A bench or extended test is slow too, so `-m "not slow"` leaves it out as well."""
     for item in items:
-        if item.get_closest_marker("bench") and not item.get_closest_marker("slow"):
+        if (item.get_closest_marker("bench") or item.get_closest_marker("extended")) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
 
 

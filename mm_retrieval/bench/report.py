@@ -94,7 +94,7 @@ def _blip(b: dict[str, Any]) -> list[str]:
         c = b.get("compute", {}).get(res)
         lines.append(f"        re-encoding the {b['candidates']} images at {res} px: vision model on pixels {_f(a['p50_ms'], 1)} ms, "
                      f"decode + preprocess + vision {_f(d['p50_ms'], 1)} ms p50 (n={a['n']}{', summed' if 'method' in d else ''})"
-                     + (f"; compute-bound ceiling of caching {_f(c['caching_ceiling'], 1)}x ({_f(c['vision_gmac_per_image'], 1)} GMAC vision "
+                     + (f"; by MACs re-encoding is {_f(c['mac_ratio'], 1)}x the cached path's work ({_f(c['vision_gmac_per_image'], 1)} GMAC vision "
                         f"per image vs {_f(c['text_side_gmac_per_candidate'], 1)} text side per candidate, "
                         f"{_f(c['of_which_cross_attention_kv_projection'], 1)} of it cross-attention K/V)" if c else ""))
     for name, o in b["options"].items():

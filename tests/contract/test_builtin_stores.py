@@ -16,7 +16,7 @@ class TestMilvusStore(StoreContract):
         store.close()
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # the server path is also covered by test_milvus_server.py and the crash tests
 class TestMilvusServerStore(StoreContract):
     """The same contract over a Milvus server (``milvus-lite server``): the network client path,
     asynchronous index builds, token caches under MMR_CACHE_DIR."""

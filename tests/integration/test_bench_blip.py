@@ -48,6 +48,7 @@ def check_blip_section(b):
         assert by["file_bytes_per_item"] >= by["cache_bytes_per_item"], name  # SQLite's overhead on top
         s = o["scores"]
         assert s["identical"] and s["max_abs_diff_vs_reencoded_same_storage"] <= s["tolerance"] <= 1e-3 * max(1, *map(abs, s["score_range"])), name
+        assert s["cached_tokens_bit_identical_to_reencoded"] and s["scores_compared"] == 8, name
         assert s["score_range"][0] < s["score_range"][1], name  # the tiny model tells candidates apart
         for key in ("speedup_vs_reencode_vision", "speedup_vs_reencode_with_decode"):
             f = o[key]
