@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...decode import DEFAULT_MAX_PIXELS
+from ...digest import file_digest
 from ...devices import resolve_device
 from ...errors import ConfigError, ModelLoadError
 from ...registry import register
@@ -51,19 +52,6 @@ class OpenClipConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     cache_dir: str | None = None  # where downloaded weights go (open_clip's default when unset)
     seed: int = 0  # makes random-init weights reproducible across processes
-
-
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """Cheap identity of a (possibly multi-GB) weights file: size + first and last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:16]
 
 
 @register("encoder", "open_clip")
@@ -106,7 +94,7 @@ class OpenClipEncoder(Encoder):
             return model, None, f"random-init/seed{self.config.seed}"
         wp = Path(pretrained).expanduser()
         if wp.is_file():
-            return model, str(wp.resolve()), f"file/{_file_digest(wp)}"
+            return model, str(wp.resolve()), f"file/{file_digest(wp)[:16]}"
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
             if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -126,7 +114,7 @@ class OpenClipEncoder(Encoder):
         weights = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + sorted(d.glob("*.pth"))
         if not weights:
             raise ModelLoadError(f"model directory {d} has a config but no weights file (*.safetensors)")
-        ident = hashlib.sha256(cfg.read_bytes()).hexdigest()[:8] + "/" + _file_digest(weights[0])
+        ident = hashlib.sha256(cfg.read_bytes()).hexdigest()[:8] + "/" + file_digest(weights[0])[:16]
         return f"local-dir:{d}", None, f"local-dir/{ident}"
 
     @cached_property

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ....digest import file_digest
 from ....errors import ConfigError, MissingDependencyError, ModelLoadError
 
 DEFAULT_CHECKPOINT = "Salesforce/blip-itm-base-coco"
@@ -186,17 +187,6 @@ def _weight_files(d: Path) -> list[Path]:
     return safe or sorted(d.glob("pytorch_model*.bin"))
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """Cheap identity of a (possibly GB-sized) file: its size and first and last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()
 
 
 def checkpoint_digest(d: Path) -> str:
