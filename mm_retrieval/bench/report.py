@@ -103,7 +103,8 @@ def _blip(b: dict[str, Any]) -> list[str]:
         lines.append(f"        {name:<9} {by['cache_bytes_per_item']:>9,} B/img ({_f(by['file_bytes_per_item'], 0)} in the file, "
                      f"{_f(o['gb_per_100k_images'])} GB per 100k): cached p50 {_f(o['cached']['p50_ms'], 1)} ms (cache read "
                      f"{_f(o['cache_read']['p50_ms'], 1)}) -> {_f(o['speedup_vs_reencode_vision']['ratio'], 1)}x vs re-encoding, "
-                     f"{_f(o['speedup_vs_reencode_with_decode']['ratio'], 1)}x with decode; scores "
+                     f"{_f(o['speedup_vs_reencode_with_decode']['ratio'], 1)}x with decode"
+                     + (f", {_f(o['speedup_cpu_time']['ratio'], 1)}x by CPU time" if "speedup_cpu_time" in o else "") + "; scores "
                      f"{'identical' if sc['identical'] else 'DIFFER'} ({sc['max_abs_diff_vs_reencoded_same_storage']:.1e}); vs "
                      f"{b['reference']}: max diff {agree['max_abs_score_diff']:.2g}, tau {_f(agree['kendall_tau'])}, "
                      f"top-10 {_f(agree['top10_overlap'])}")

@@ -54,6 +54,7 @@ def check_blip_section(b):
             f = o[key]
             assert f["value"] > 0 and f["against_value"] == o["cached"]["p50_ms"] and f["ratio"] > 0, (name, key)
         assert o["cached"]["n"] == 3 and o["cache_read"]["p50_ms"] > 0
+        assert o["speedup_cpu_time"]["value"] > 0 and o["speedup_cpu_time"]["against_value"] > 0  # CPU only: this process's CPU seconds
         a = o["agreement_vs_fp16@32"]
         assert -1 <= a["kendall_tau"] <= 1 and 0 <= a["top10_overlap"] <= 1 and a["k"] == 8
     opt = b["options"]
