@@ -10,6 +10,7 @@ import math
 import pytest
 
 from mm_retrieval.cli import main
+from tests.helpers import numbers
 
 pytestmark = pytest.mark.slow  # each suite runs `mmr bench --quick`
 
@@ -23,20 +24,6 @@ def bench(tmp_path, capsys, *args):
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
     return json.loads(out.out), out.err
-
-
-def numbers(node, path=""):
-    """Every number in a JSON document, with where it is."""
-    if isinstance(node, bool):
-        return
-    if isinstance(node, (int, float)):
-        yield path, node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from numbers(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from numbers(v, f"{path}[{i}]")
 
 
 def check_common(doc, suite):

@@ -16,24 +16,12 @@ from pathlib import Path
 import pytest
 
 from mm_retrieval.cli import main
+from tests.helpers import numbers
 
 pytestmark = pytest.mark.slow  # BLIP and CLIP forwards, a cache per storage option; ~15 s each
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"fp16@32", "int8@32", "fp16@16", "int8@16"}  # the tiny checkpoint: 32 px, patch 8; half is 16 px
-
-
-def numbers(node, path=""):
-    if isinstance(node, bool):
-        return
-    if isinstance(node, (int, float)):
-        yield path, node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from numbers(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from numbers(v, f"{path}[{i}]")
 
 
 def check_blip_section(b):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...decode import DEFAULT_MAX_PIXELS
-from ...digest import file_digest
+from ...digest import check_tensor_checkpoint, file_digest
 from ...devices import resolve_device
 from ...errors import ConfigError, ModelLoadError
 from ...registry import register
@@ -144,7 +144,7 @@ class OpenClipEncoder(Encoder):
         name, pretrained, weights = self._resolved
         self.device = resolve_device(self.config.device)
         for f in _pickled_weight_files(name, pretrained):
-            _check_pickled_weights(f)
+            check_tensor_checkpoint(f)  # open_clip retries a TypeError without weights_only
         # Weights not in the local cache and a hub that can't be reached: one clear error now,
         # instead of huggingface_hub's retries and warnings; cached weights load with no request.
         cached = _weights_cached(name, pretrained, self.config.cache_dir)
@@ -346,26 +346,6 @@ def _pickled_weight_files(name: str, pretrained: str | None) -> list[Path]:
     if pretrained and Path(pretrained).is_file() and Path(pretrained).suffix.lower() not in (".safetensors", ".npz", ".npy"):
         return [Path(pretrained)]
     return []
-
-
-def _check_pickled_weights(path: Path) -> None:
-    """Load a pickle-based checkpoint with ``torch.load(weights_only=True)`` (which never runs code
-    from the file) before open_clip does.
-
-    open_clip's ``load_state_dict`` retries a load that raised TypeError *without* weights_only,
-    and a crafted pickle can raise TypeError inside the restricted unpickler (an OrderedDict BUILD
-    with slot state): on torch < 2.6, or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, that retry
-    unpickles the whole file and runs whatever it holds. A file that loads here loads on open_clip's
-    first attempt too (same call), so the retry is never reached."""
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(
-            f"cannot load weights file {path}: only tensor checkpoints are accepted (.safetensors, or a "
-            f".pt/.pth/.bin state dict loadable with torch.load(weights_only=True)); {type(e).__name__}: {e}"
-        ) from e
 
 
 def _config_dim(name: str) -> int | None:

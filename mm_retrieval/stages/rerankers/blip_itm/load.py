@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ....digest import file_digest
+from ....digest import check_tensor_checkpoint, file_digest
 from ....errors import ConfigError, MissingDependencyError, ModelLoadError
 
 DEFAULT_CHECKPOINT = "Salesforce/blip-itm-base-coco"
@@ -187,8 +187,6 @@ def _weight_files(d: Path) -> list[Path]:
     return safe or sorted(d.glob("pytorch_model*.bin"))
 
 
-
-
 def checkpoint_digest(d: Path) -> str:
     """Identity of a checkpoint directory: its config files and weights (keys the token cache)."""
     h = hashlib.sha256()
@@ -222,7 +220,7 @@ def load_blip(d: Path, *, ref: str, device: str) -> LoadedBlip:
     safetensors = weights[0].suffix == ".safetensors"
     if not safetensors:
         for w in weights:
-            _check_pickled(w)
+            check_tensor_checkpoint(w)
     try:
         with _quiet_loading():
             model, info = BlipForImageTextRetrieval.from_pretrained(
@@ -260,15 +258,3 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
-
-
-def _check_pickled(path: Path) -> None:
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(
-            f"cannot load weights file {path}: only tensor checkpoints are accepted (.safetensors, or a .bin "
-            f"state dict loadable with torch.load(weights_only=True)); {type(e).__name__}: {e}"
-        ) from e
