@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import failpoints
 from .locks import CollectionLock
 from .progress import progress_bar
-from .stages.base import Encoder, ImageSide, Source, Store, encode_files
+from .stages.base import EncodeBatches, Encoder, ImageSide, Source, Store, encode_files
 from .types import Failure, IndexReport, Record
 
 if TYPE_CHECKING:
@@ -65,16 +65,21 @@ class Indexer:
     reranker's own image encoder (:meth:`Reranker.image_side`, e.g. BLIP's), whose tokens then go
     to ``tokens`` instead of the encoder's, computed in the same decode batches. ``progress``: a
     bar on stderr (None: on a terminal); ``on_progress(n)``: called after each batch with its file count.
+    ``encode_batches``: what reads, decodes and encodes the files to index, with
+    :func:`~mm_retrieval.stages.base.encode_files`' signature and output (the default; a Ray
+    Dataset of encoder actors with ``--ray``): everything else, all writes included, stays here.
     """
 
     def __init__(self, encoder: Encoder, store: Store, *, tokens: TokenWriter | None = None, image_side: ImageSide | None = None,
-                 progress: bool | None = None, on_progress: Callable[[int], None] | None = None):
+                 progress: bool | None = None, on_progress: Callable[[int], None] | None = None,
+                 encode_batches: EncodeBatches = encode_files):
         self.encoder = encoder
         self.store = store
         self.tokens = tokens
         self.image_side = image_side if tokens is not None else None
         self.progress = progress
         self.on_progress = on_progress
+        self.encode_batches = encode_batches
 
     # ---- reading the collection ------------------------------------------------------------
     def _scan(self) -> None:
@@ -175,7 +180,7 @@ class Indexer:
         seen: set[str] = set()
         bar = progress_bar(len(todo), self.progress)
         try:
-            for items, emb, toks in encode_files(
+            for items, emb, toks in self.encode_batches(
                 self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
                 with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
             ):

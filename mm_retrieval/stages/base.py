@@ -438,6 +438,14 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+class EncodeBatches(Protocol):
+    """What turns image files into vectors for an index run: :func:`encode_files` in this process,
+    or encoder actors on a Ray cluster (:mod:`mm_retrieval.distributed`), same output either way."""
+
+    def __call__(self, encoder: Encoder, paths: list[str], *, known_ids: frozenset[str] = ..., with_tokens: bool = ...,
+                 image_side: ImageSide | None = ...) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]: ...
+
+
 def encode_files(
     encoder: Encoder,
     paths: list[str],
