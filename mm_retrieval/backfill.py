@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .decode import is_video
 from .progress import progress_bar
 from .stages.base import Encoder, ImageSide, Store, encode_files
 from .tokencache import caches_in, open_existing, open_raw_cache
@@ -46,6 +47,19 @@ def build_token_cache(encoder: Encoder, store: Store, writer: TokenWriter, *, im
 
     failed: list[Failure] = []
     encoded = 0
+    videos = [r for r in rows if is_video(r["path"])]  # a segment's tokens come from its representative frame
+    if videos:
+        rows = [r for r in rows if not is_video(r["path"])]
+        from .stages.videos import segment_tokens
+
+        extra = {r["id"]: r for r in store.get([r["id"] for r in videos], ["frame", "content_hash"])}
+        for row, tok, err in segment_tokens(encoder, [{**r, **extra.get(r["id"], {})} for r in videos], image_side=image_side):
+            if err is not None:
+                failed.append(Failure(row["path"], err))
+            else:
+                writer.add(row["id"], tok)
+                encoded += 1
+        writer.commit()
     bar = progress_bar(len(rows), progress)
     try:
         paths = [r["path"] for r in rows]

@@ -71,6 +71,56 @@ def _pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in keys}
 
 
+def bulk_options(fn: Callable) -> Callable:
+    """--bulk-import, --bulk-dir and the MinIO settings of `mmr index` (README "Scaling it out")."""
+    options = [
+        click.option("--bulk-import", is_flag=True, help="First load of a new or empty collection on a Milvus server through Milvus' bulk "
+                     "import: Parquet files in the collection's schema, uploaded to MinIO/S3, imported in one job at the end "
+                     "(pip install \"mm-retrieval[bulk]\")."),
+        click.option("--bulk-dir", type=click.Path(file_okay=False), help="Bulk import without uploading: only write the Parquet files "
+                     "into this folder and print the commands that import them (implies --bulk-import)."),
+        click.option("--minio", "minio_endpoint", envvar="MMR_MINIO_ENDPOINT", default="http://localhost:9000", show_default=True,
+                     help="The MinIO/S3 endpoint your Milvus server stores its data in [env MMR_MINIO_ENDPOINT]."),
+        click.option("--minio-bucket", envvar="MMR_MINIO_BUCKET", default="a-bucket", show_default=True,
+                     help="Milvus' bucket there (milvus.yaml minio.bucketName) [env MMR_MINIO_BUCKET]."),
+        click.option("--minio-access-key", envvar="MMR_MINIO_ACCESS_KEY", default="minioadmin", show_default=True,
+                     help="[env MMR_MINIO_ACCESS_KEY]"),
+        click.option("--minio-secret-key", envvar="MMR_MINIO_SECRET_KEY", default="minioadmin",
+                     help="[env MMR_MINIO_SECRET_KEY; default docker-compose.yml's]"),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _pop_bulk(kwargs: dict[str, Any]) -> Any:
+    """The BulkImport that `mmr index`'s bulk options ask for, or None."""
+    on, local_dir = kwargs.pop("bulk_import"), kwargs.pop("bulk_dir")
+    settings = {k: kwargs.pop(f"minio_{k}") for k in ("endpoint", "bucket", "access_key", "secret_key")}
+    if not on and local_dir is None:
+        return None
+    from .stages.stores.milvus_bulk import BulkImport, BulkImportConfig
+
+    return BulkImport(BulkImportConfig(local_dir=local_dir, **settings))
+
+
+def video_options(fn: Callable) -> Callable:
+    """--video-fps, --video-max-seconds, --video-max-segments (index and sync)."""
+    options = [
+        click.option("--video-fps", type=float, help="Video frames sampled per second (default 1; longer videos sparser, at most 240 frames)."),
+        click.option("--video-max-seconds", type=float, help="Skip videos longer than this many seconds (default 10800)."),
+        click.option("--video-max-segments", type=int, help="Most segments (moments) per video (default 48)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _pop_video(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"fps": kwargs.pop("video_fps"), "max_seconds": kwargs.pop("video_max_seconds"),
+            "max_segments": kwargs.pop("video_max_segments")}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="mm-retrieval")
@@ -97,6 +147,15 @@ def cli(verbose: int) -> None:
 @click.option("--text-columns", help="Comma-separated table columns whose text gets a text vector (default: caption).")
 @click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@bulk_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Decode and encode on a pool of Ray actors (pip install \"mm-retrieval[ray]\"). Alone: a local Ray instance; "
+                   "'auto', ray://HOST:10001 or HOST:6379: join that cluster (every node must see SOURCE's files). Writes still "
+                   "go through this process only, which is how a Milvus Lite --db file works with it. Put --ray after SOURCE, "
+                   "or write --ray=ADDRESS.")
+@click.option("--ray-actors", type=int, help="Encoder actors with --ray, each loading the model once (default: one per GPU in the "
+                                              "cluster, one GPU each; without GPUs one per 4 CPUs, at least 1).")
+@video_options
 def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None,
           text_columns: str | None, tokens: bool, progress: bool | None, **kwargs: Any) -> None:
     """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
@@ -104,13 +163,18 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
     columns are kept as metadata you can --filter on. Re-running is safe: unchanged files are
     skipped, changed files replace their old entry, unreadable files are listed and skipped.
+    Videos (.mp4, .mov, .mkv, .webm, .avi, .m4v) are indexed as moments (segments), in this
+    process also with --ray; see --video-* for their bounds.
     """
+    bulk = _pop_bulk(kwargs)
+    ray_address, ray_actors = kwargs.pop("ray_address"), kwargs.pop("ray_actors")
     opts = _pop_common(kwargs)
-    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens)
+    video = _pop_video(kwargs)
+    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens, video=video)
     columns = [c.strip() for c in text_columns.split(",") if c.strip()] if text_columns else None
-    report = pipe.index(source, progress=progress, text_columns=columns)
+    report = pipe.index(source, progress=progress, text_columns=columns, bulk_import=bulk, ray=ray_address, ray_actors=ray_actors)
     if as_json:
-        _emit_json(report.to_dict())
+        _emit_json({**report.to_dict(), **({"bulk_import": bulk.to_dict()} if bulk is not None else {})})
         return
     _out(
         f"indexed {report.indexed}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
@@ -121,10 +185,15 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
         _out(f"  skipped {f.path}: {f.error}")
     if report.skipped > 50:
         _out(f"  ... and {report.skipped - 50} more (use --json for the full list)")
+    if bulk is not None and bulk.files:
+        _out(f"bulk import: {bulk.rows} rows in {len(bulk.files)} Parquet file(s), {bulk.state}"
+             + (f" (job {', '.join(bulk.job_ids)}: {bulk.imported_rows} rows)" if bulk.job_ids else f" under {bulk.folder}; import them with:"))
+        if bulk.config.local_dir is not None:
+            _out(bulk.command())
     if report.indexed == 0 and not pipe.store.exists():
         found = "no readable image" if report.skipped else "no image or text item"
         _echo(f"nothing to index: {found} in {source}, so no collection was created. A folder is searched recursively "
-              "for image files (.jpg, .png, .webp, ...); a table needs rows with a 'path' (or, for text-only items, a caption).")
+              "for image files (.jpg, .png, .webp, ...) and videos (.mp4, .mov, .webm, ...); a table needs rows with a 'path' (or, for text-only items, a caption).")
 
 
 @cli.command()
@@ -133,13 +202,15 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
 @click.option("--dry-run", is_flag=True, help="Only show what would be added, re-checked and removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (or plan) as JSON on stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@video_options
 def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
     """Bring the collection in step with SOURCE: add new files, replace changed ones, remove gone ones.
 
     Entries under SOURCE's folder (a table's folder, for a table) whose file is no longer listed
     are removed with their cached tokens; entries elsewhere are left alone.
     """
-    pipe = _pipeline(_pop_common(kwargs))
+    video = _pop_video(kwargs)
+    pipe = _pipeline(_pop_common(kwargs), video=video)
     report = pipe.sync(source, dry_run=dry_run, progress=progress)
     if as_json:
         _emit_json(report.to_dict())
@@ -175,8 +246,10 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
 @click.option("--rerank", "rerank_path", type=click.Path(), help=f"Rerank with this reranker ({RERANKER_REF}); an error where it can't apply (image queries, --mode text).")
 @click.option("--no-rerank", is_flag=True, help="First stage only, even if the config names a reranker.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as one JSON document on stdout.")
+@click.option("--group-by-video/--no-group-by-video", default=True,
+              help="Keep each video's best moment only, so one long video can't fill the page (default: on).")
 def search(query: str | None, image: str | None, mode: str | None, k: int | None, candidates: int | None, filter_: str,
-           rerank_path: str | None, no_rerank: bool, as_json: bool, **kwargs: Any) -> None:
+           rerank_path: str | None, no_rerank: bool, as_json: bool, group_by_video: bool, **kwargs: Any) -> None:
     """Search for QUERY (text), or for --image PATH_OR_URL.
 
     Text queries find images (and, in text/hybrid mode, items by their captions); the reranker
@@ -192,7 +265,8 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
         validate_query(query)  # fail before loading any model
     pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
     rerank = False if no_rerank else (True if rerank_path is not None else None)  # --rerank DIR asks for reranking
-    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=rerank)
+    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=rerank,
+                         group_by_video=group_by_video)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -205,7 +279,8 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
     for h in result.hits:
         scores = "".join(f"{_fmt_score(get(h)):>9}" for _, _, get in columns)
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{cap}")
+        when = f" [{_clock(h.start)}-{_clock(h.end)}]" if h.video_id is not None else ""  # a video's moment
+        _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{when}{cap}")
 
 
 def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[tuple[str, str, Callable[[Any], float | None]]]:
@@ -225,6 +300,13 @@ def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[t
     if result.reranked:
         return [("reranker", reranker, lambda h: h.score), image]
     return [(image[0], image[1], lambda h: h.score)]
+
+
+def _clock(seconds: float | None) -> str:
+    """1:23 (or 1:02:03) for a time in a video."""
+    total = int(seconds or 0)
+    h, m, sec = total // 3600, total // 60 % 60, total % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 def _fmt_score(value: float | None) -> str:
@@ -522,7 +604,7 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
 
 @cli.command()
 @click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["encode", "search", "rerank", "blip", "quality", "all"]), help="Which suite(s) to run; repeat the option for several.")
+              type=click.Choice(["encode", "search", "rerank", "blip", "quality", "video", "scale", "all"]), help="Which suite(s) to run; repeat the option for several.")
 @click.option("--blip", "blip", metavar="NAME_OR_DIR", help="BLIP checkpoint for the blip suite (hub name in the local Hugging Face cache, or a directory). Default: random BLIP-base-sized weights (timing only; tiny with --quick).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every suite runs (seconds), numbers mean nothing.")
@@ -542,6 +624,8 @@ def bench(suites: tuple[str, ...], blip: str | None, device: str, quick: bool, w
     rerank   reranker latency and token-cache bytes vs BLIP image-text matching
     blip     BLIP reranker: cached tokens vs re-encoding, per storage option; bytes/image
     quality  first stage vs reranked Recall@K on held-out compositional captions
+    video    video decode frames/s, segments/min, index s per video hour; grouping search
+    scale    index images/s in one process vs --ray with 1 and 2 actors; Ray per batch; driver writes
     """
     from pathlib import Path
 

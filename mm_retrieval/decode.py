@@ -24,6 +24,9 @@ from . import failpoints
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 )
+# Videos (decoded by :mod:`mm_retrieval.video`, indexed as segments): what folders pick up, and
+# how a table row's path is routed.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are almost always decompression bombs
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -35,6 +38,11 @@ class DecodeError(Exception):
 def content_hash(data: bytes) -> str:
     """Full sha256 hex digest of the file's bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def is_video(path: str | Path) -> bool:
+    """Whether ``path`` names a video file (by extension; the content is checked when decoded)."""
+    return os.path.splitext(str(path))[1].lower() in VIDEO_EXTENSIONS
 
 
 def item_id(digest: str) -> str:

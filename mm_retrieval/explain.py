@@ -85,7 +85,7 @@ def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
     """Explain the pipeline reranker's score of ``image`` (an indexed id or an image file) for
     ``query``. An indexed image is scored from what search uses (its stored vector and cached
     tokens); any other image file is encoded on the fly."""
-    from .decode import DecodeError, decode_image
+    from .decode import DecodeError, decode_image, is_video
     from .search import encode_text, read_image_query, stored_vector
     from .types import Hit
 
@@ -100,7 +100,13 @@ def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
     q = encode_text(query, pipeline.encoder, reranker)
     image_id, path = _locate(pipeline, str(image))
     try:
-        pil = decode_image(read_image_query(path)).convert("RGB")
+        if image_id is not None and is_video(path):  # a video segment: its representative frame
+            from .video import frame_at
+
+            (row,) = pipeline.store.get([image_id], ["frame"])
+            pil = frame_at(path, float(row.get("frame") or 0.0)).convert("RGB")
+        else:
+            pil = decode_image(read_image_query(path)).convert("RGB")
     except DecodeError as e:
         raise InputError(f"{path} is not a usable image: {e}") from e
     if image_id is not None:  # indexed: exactly what search scores

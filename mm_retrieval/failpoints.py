@@ -5,9 +5,15 @@ the process, exactly as a power cut or an OOM kill would. Unset (always, outside
 is one dict lookup.
 
 Points: ``batch_decoded``, ``after_tokens``, ``after_upsert`` (an index run's batch loop, see
-:mod:`mm_retrieval.indexing`), ``mid_tokens`` (inside a token cache transaction) and
+:mod:`mm_retrieval.indexing`; the last two also between a video's tokens and its segments' one
+write), ``video_decoded`` (a video's frames encoded, nothing of it written yet), ``mid_tokens`` (inside a token cache transaction) and
 ``decoding`` (a file about to be decoded, in a decoding worker process when there are workers:
-it kills the index run, not the worker). Passes are counted per process.
+it kills the index run, not the worker), ``ray_actor_batch`` (a Ray encoder actor about to encode
+a batch, :mod:`mm_retrieval.distributed.actors`: it kills that actor; the driver forwards
+``MMR_FAILPOINTS`` to the actors). Passes are counted per process.
+
+``MMR_FAILPOINT_ONCE_DIR=DIR`` makes each point kill once in all: the first kill leaves a marker
+file ``DIR/<point>``, and later passes (e.g. in the actor Ray restarts) only count.
 """
 
 from __future__ import annotations
@@ -15,9 +21,21 @@ from __future__ import annotations
 import os
 import signal
 
-_spec = os.environ.get("MMR_FAILPOINTS", "")
-_armed = {k: int(v) for k, _, v in (p.partition("=") for p in _spec.split(",") if p)} if _spec else {}
 _counts: dict[str, int] = {}
+
+
+def _parse(spec: str) -> dict[str, int]:
+    return {k: int(v) for k, _, v in (p.partition("=") for p in spec.split(",") if p)} if spec else {}
+
+
+_armed = _parse(os.environ.get("MMR_FAILPOINTS", ""))
+
+
+def rearm() -> None:
+    """Read ``MMR_FAILPOINTS`` again (a process whose environment was set after it started, such
+    as a Ray actor given the driver's: :mod:`mm_retrieval.distributed.actors`)."""
+    global _armed
+    _armed = _parse(os.environ.get("MMR_FAILPOINTS", ""))
 
 
 def hit(name: str, *, pid: int | None = None) -> None:
@@ -26,5 +44,17 @@ def hit(name: str, *, pid: int | None = None) -> None:
     if not _armed or name not in _armed:
         return
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == _armed[name]:
+    if _counts[name] == _armed[name] and _first_kill(name):
         os.kill(os.getpid() if pid is None else pid, signal.SIGKILL)
+
+
+def _first_kill(name: str) -> bool:
+    """False when MMR_FAILPOINT_ONCE_DIR holds ``name``'s marker already (else it is created)."""
+    once = os.environ.get("MMR_FAILPOINT_ONCE_DIR")
+    if not once:
+        return True
+    try:
+        os.close(os.open(os.path.join(once, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

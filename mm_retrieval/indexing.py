@@ -13,6 +13,15 @@ One index run per collection at a time: a lock file next to the collection's tok
 second run fail at once with a message saying who holds it (:class:`~mm_retrieval.locks.CollectionLock`).
 Nothing outlives a killed run holding that lock or the database: decoding workers are spawned,
 not forked, and die with the run (:mod:`mm_retrieval.workers`).
+
+Videos (by extension, :data:`~mm_retrieval.decode.VIDEO_EXTENSIONS`) are items made of several
+rows, one per segment (:mod:`mm_retrieval.video`), always decoded and encoded in this process
+(also when images go to a Ray cluster). A video's segments are written in one upsert (its tokens
+committed before), so a kill leaves none or all of them; each row records the video's segment
+count, so a video whose rows are incomplete anyway (a store writing one upsert in several
+batches) is redone. A changed video's new segments are written before its old ones are deleted.
+Failpoints: ``video_decoded`` (a video decoded and encoded, nothing written yet), then
+``after_tokens`` and ``after_upsert`` as for an image batch.
 """
 
 from __future__ import annotations
@@ -25,15 +34,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import failpoints
+from .decode import is_video
+from .errors import InputError
 from .locks import CollectionLock
 from .progress import progress_bar
 from .stages.base import EncodeBatches, Encoder, ImageSide, Source, Store, encode_files
 from .types import Failure, IndexReport, Record
+from .video import VideoConfig
 
 if TYPE_CHECKING:
     from .tokencache import TokenWriter
 
 ROW_FIELDS = ("id", "path", "file_size", "mtime_ns", "caption", "metadata")
+MEDIA_ROW_FIELDS = ("media_id", "segments")  # schema-3 collections: which video a row is a segment of
+SEGMENT_FIELDS = ("id", "vector", "content_hash", "media_id", "start", "end", "frame", "segments")
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Plan:
     texts: list[Record] = field(default_factory=list)  # new text-only items (table rows without a path)
     remove: dict[str, set[str]] = field(default_factory=dict)  # path -> ids
     unchanged: int = 0
+    videos: int = 0  # video files listed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,14 +80,16 @@ class Indexer:
     reranker's own image encoder (:meth:`Reranker.image_side`, e.g. BLIP's), whose tokens then go
     to ``tokens`` instead of the encoder's, computed in the same decode batches. ``progress``: a
     bar on stderr (None: on a terminal); ``on_progress(n)``: called after each batch with its file count.
-    ``encode_batches``: what reads, decodes and encodes the files to index, with
+    ``encode_batches``: what reads, decodes and encodes the image files to index, with
     :func:`~mm_retrieval.stages.base.encode_files`' signature and output (the default; a Ray
     Dataset of encoder actors with ``--ray``): everything else, all writes included, stays here.
+    ``video``: how video files are sampled, bounded and segmented (default :class:`VideoConfig`);
+    videos are encoded here by :func:`~mm_retrieval.stages.videos.encode_videos`.
     """
 
     def __init__(self, encoder: Encoder, store: Store, *, tokens: TokenWriter | None = None, image_side: ImageSide | None = None,
                  progress: bool | None = None, on_progress: Callable[[int], None] | None = None,
-                 encode_batches: EncodeBatches = encode_files):
+                 encode_batches: EncodeBatches = encode_files, video: VideoConfig | None = None):
         self.encoder = encoder
         self.store = store
         self.tokens = tokens
@@ -80,14 +97,26 @@ class Indexer:
         self.progress = progress
         self.on_progress = on_progress
         self.encode_batches = encode_batches
+        self.video = video if video is not None else VideoConfig()
+        # indexed_videos: decoded and written; truncated: of those, cut at max_seconds (no duration known)
+        self.video_counts = {"indexed_videos": 0, "segments": 0, "frames": 0, "truncated": 0}
 
     # ---- reading the collection ------------------------------------------------------------
     def _scan(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
         self.ids_by_path: dict[str, set[str]] = defaultdict(set)
-        for row in self.store.iter_rows(ROW_FIELDS):
+        self.media: dict[str, set[str]] = defaultdict(set)  # video id -> its segments' row ids
+        media = self.store.exists() and self.store.has_media_fields()
+        for row in self.store.iter_rows(ROW_FIELDS + (MEDIA_ROW_FIELDS if media else ())):
             self.rows[row["id"]] = row
             self.ids_by_path[row["path"]].add(row["id"])
+            if row.get("media_id") not in (None, "", row["id"]):
+                self.media[row["media_id"]].add(row["id"])
+
+    def _complete(self, media_id: str) -> bool:
+        """Whether every segment row of this video is stored (as many as each row says it has)."""
+        ids = self.media.get(media_id, ())
+        return bool(ids) and all(self.rows[i].get("segments") == len(ids) for i in ids)
 
     def plan(self, src: Source, report: IndexReport, *, remove_missing: bool, scope: Path | None) -> Plan:
         """Compare the source's records with the collection (read by :meth:`_scan`). Entries the
@@ -118,7 +147,12 @@ class Indexer:
                 continue
             listed[path] = rec
             ids = self.ids_by_path.get(path, set())
-            if len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
+            video = is_video(path)
+            plan.videos += video
+            if video and ids and self._video_unchanged(rec, ids):
+                plan.unchanged += len(ids)  # items: its segments
+                continue
+            if not video and len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
                 plan.unchanged += 1
                 continue
             reason = _unreadable(path)
@@ -135,6 +169,16 @@ class Indexer:
             plan.remove = {p: ids for p, ids in self.ids_by_path.items() if p not in listed and p.startswith(prefix)}
         return plan
 
+    def _video_unchanged(self, rec: Record, ids: set[str]) -> bool:
+        """All of the path's rows are the segments of one video, complete, with the file's size,
+        mtime, caption and metadata."""
+        rows = [self.rows[i] for i in ids]
+        media = {r.get("media_id") for r in rows}
+        if len(media) != 1:
+            return False
+        (m,) = media
+        return bool(m) and self._complete(m) and self.media[m] == ids and all(_unchanged(rec, r) for r in rows)
+
     # ---- the run ---------------------------------------------------------------------------
     def run(self, src: Source, *, remove_missing: bool = False, scope: Path | None = None, dry_run: bool = False) -> IndexReport:
         """Index ``src``; ``remove_missing``: also remove entries under ``scope`` that it no
@@ -148,7 +192,9 @@ class Indexer:
         if dry_run:
             self._scan()
             report = IndexReport()
-            report.plan = self.plan(src, report, remove_missing=remove_missing, scope=scope).to_dict()
+            plan = self.plan(src, report, remove_missing=remove_missing, scope=scope)
+            report.plan = plan.to_dict()
+            self._video_report(plan, report)
             report.seconds = time.perf_counter() - t0
             return report
         report = IndexReport()
@@ -157,12 +203,19 @@ class Indexer:
             self.rows, self.ids_by_path = {}, defaultdict(set)
             first = self.plan(src, report, remove_missing=remove_missing, scope=scope)
             if not (first.add or first.check or first.texts):
+                self._video_report(first, report)
                 report.seconds = time.perf_counter() - t0
                 return report
         store.ensure_collection(encoder.info())
         with CollectionLock(store.cache_dir(), store.name):
             self._scan()  # (a new collection: rows another process wrote meanwhile are recognised by id)
             plan = first if first is not None else self.plan(src, report, remove_missing=remove_missing, scope=scope)
+            if not store.has_media_fields() and any(is_video(r.path) for r in plan.add + plan.check):
+                raise InputError(
+                    f"collection {store.name!r} was created before videos could be indexed (it has no media fields), so the "
+                    "videos in this source can't be stored in it: index them into a new --collection (images keep working "
+                    "in this one; a source without videos indexes here as before)"
+                )
             self._encode(plan.add + plan.check, report)
             self._encode_texts(plan.texts, report)
             report.unchanged += plan.unchanged
@@ -172,59 +225,160 @@ class Indexer:
                 report.removed = len(plan.remove)
             self._drop_orphan_tokens()
             store.flush()
+        self._video_report(plan, report)
         report.seconds = time.perf_counter() - t0
         return report
 
+    def _video_report(self, plan: Plan, report: IndexReport) -> None:
+        """``report.video`` when the source lists videos: the bounds used, and what was done."""
+        if plan.videos:
+            report.video = {"config": self.video.to_dict(), "videos": plan.videos, **self.video_counts}
+
     def _encode(self, todo: list[Record], report: IndexReport) -> None:
-        store = self.store
-        seen: set[str] = set()
         bar = progress_bar(len(todo), self.progress)
         try:
-            for items, emb, toks in self.encode_batches(
-                self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
-                with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
-            ):
-                failpoints.hit("batch_decoded")
-                new_rows, refresh, stale, j = [], [], set(), 0
-                for it in items:
-                    rec = todo[it.pos]
-                    vec = None
-                    if it.decoded:  # embeddings are packed in the order of decoded items
-                        vec, j = j, j + 1
-                    if it.error is not None:  # an unreadable file keeps whatever entry it had
-                        report.failed.append(Failure(it.path, it.error))
-                        continue
-                    # whatever else this path held is stale now (its file changed, or a crash left it twice)
-                    stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
-                    if it.id in seen:
-                        report.duplicates += 1  # the same content twice in this run
-                    elif it.known:
-                        self._known(rec, it.id, refresh, report)
-                    else:
-                        new_rows.append(_row(rec, it, emb[vec]))
-                        if self.tokens is not None:
-                            self.tokens.add(it.id, toks[vec])
-                    seen.add(it.id)
-                self._add_text_vectors(new_rows)
-                if self.tokens is not None:
-                    self.tokens.commit()  # (1) tokens before rows
-                failpoints.hit("after_tokens")
-                store.upsert(new_rows)
-                failpoints.hit("after_upsert")
-                if refresh:
-                    self._refresh(refresh)
-                if stale:  # (2) old rows after new ones
-                    self._delete(stale)
-                    report.replaced += len(stale)
-                for r in new_rows:
-                    self.rows[r["id"]] = r
-                    self.ids_by_path[r["path"]].add(r["id"])
-                report.indexed += len(new_rows)
-                bar.update(len(items))
-                if self.on_progress is not None:
-                    self.on_progress(len(items))
+            images = [r for r in todo if not is_video(r.path)]
+            videos = [r for r in todo if is_video(r.path)]
+            if images:
+                self._encode_images(images, report, bar)
+            if videos:
+                self._encode_videos(videos, report, bar)
         finally:
             bar.close()
+
+    def _encode_images(self, todo: list[Record], report: IndexReport, bar: Any) -> None:
+        store = self.store
+        seen: set[str] = set()
+        for items, emb, toks in self.encode_batches(
+            self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
+            with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
+        ):
+            failpoints.hit("batch_decoded")
+            new_rows, refresh, stale, j = [], [], set(), 0
+            for it in items:
+                rec = todo[it.pos]
+                vec = None
+                if it.decoded:  # embeddings are packed in the order of decoded items
+                    vec, j = j, j + 1
+                if it.error is not None:  # an unreadable file keeps whatever entry it had
+                    report.failed.append(Failure(it.path, it.error))
+                    continue
+                # whatever else this path held is stale now (its file changed, or a crash left it twice)
+                stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
+                if it.id in seen:
+                    report.duplicates += 1  # the same content twice in this run
+                elif it.known:
+                    self._known(rec, it.id, refresh, report)
+                else:
+                    new_rows.append(_row(rec, it, emb[vec]))
+                    if self.tokens is not None:
+                        self.tokens.add(it.id, toks[vec])
+                seen.add(it.id)
+            self._add_text_vectors(new_rows)
+            if self.tokens is not None:
+                self.tokens.commit()  # (1) tokens before rows
+            failpoints.hit("after_tokens")
+            store.upsert(new_rows)
+            failpoints.hit("after_upsert")
+            if refresh:
+                self._refresh(refresh)
+            if stale:  # (2) old rows after new ones
+                self._delete(stale)
+                report.replaced += len(stale)
+            for r in new_rows:
+                self.rows[r["id"]] = r
+                self.ids_by_path[r["path"]].add(r["id"])
+            report.indexed += len(new_rows)
+            bar.update(len(items))
+            if self.on_progress is not None:
+                self.on_progress(len(items))
+
+    def _encode_videos(self, todo: list[Record], report: IndexReport, bar: Any) -> None:
+        """Each video: its segments in one upsert, tokens committed first; then its stale rows
+        (an older version of the file, or an incomplete set) deleted."""
+        from .stages.videos import encode_videos
+
+        store = self.store
+        seen: set[str] = set()
+        known = frozenset(m for m in self.media if self._complete(m))
+        for ev in encode_videos(self.encoder, [str(r.path) for r in todo], self.video, known_ids=known,
+                                with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side):
+            failpoints.hit("video_decoded")
+            it, rec = ev.item, todo[ev.item.pos]
+            bar.update(1)
+            if self.on_progress is not None:
+                self.on_progress(1)
+            if it.error is not None:  # an unusable file keeps whatever entries it had
+                report.failed.append(Failure(it.path, it.error))
+                continue
+            if it.id in seen:
+                report.duplicates += 1
+                continue
+            seen.add(it.id)
+            if it.known:
+                new_ids = self._known_video(rec, it.id, report)
+                if new_ids is None:
+                    continue
+            else:
+                rows = self._segment_rows(rec, ev)
+                if self.tokens is not None and ev.tokens is not None:
+                    for k, r in enumerate(rows):
+                        self.tokens.add(r["id"], ev.tokens[k])
+                    self.tokens.commit()  # (1) tokens before rows
+                failpoints.hit("after_tokens")
+                store.upsert(rows)  # all of the video's segments in one write
+                failpoints.hit("after_upsert")
+                new_ids = {r["id"] for r in rows}
+                for r in rows:
+                    self.rows[r["id"]] = r
+                    self.ids_by_path[r["path"]].add(r["id"])
+                    self.media[it.id].add(r["id"])
+                report.indexed += len(rows)
+                self.video_counts["indexed_videos"] += 1
+                self.video_counts["segments"] += len(rows)
+                self.video_counts["frames"] += ev.frames
+                self.video_counts["truncated"] += it.truncated
+            stale = {i for i in self.ids_by_path.get(it.path, ()) if i not in new_ids and self.rows.get(i, {}).get("path") == it.path}
+            if stale:  # (2) old rows after new ones
+                self._delete(stale)
+                report.replaced += len(stale)
+
+    def _segment_rows(self, rec: Record, ev: Any) -> list[dict[str, Any]]:
+        it = ev.item
+        size, mtime = _stat(rec.path)
+        text = rec.embed_text
+        text_vector = self.encoder.encode_text([text])[0] if text else None  # one caption, shared by every segment
+        return [{
+            "id": seg.id(it.digest), "vector": ev.vectors[k], "text_vector": text_vector, "path": str(rec.path),
+            "content_hash": it.digest, "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
+            "media_id": it.id, "start": seg.start, "end": seg.end, "frame": seg.frame, "segments": len(ev.segments),
+        } for k, seg in enumerate(ev.segments)]
+
+    def _known_video(self, rec: Record, media_id: str, report: IndexReport) -> set[str] | None:
+        """A video whose content is indexed in full: a copy of a file still there (None), or a
+        moved file, or the same file with a new mtime/caption/metadata: its segment rows are
+        rewritten, vectors kept. Returns the segments' ids."""
+        ids = set(self.media[media_id])
+        path = str(rec.path)
+        stored = self.rows[next(iter(ids))]["path"]
+        if stored != path and Path(stored).exists():
+            report.duplicates += 1
+            return None
+        if stored != path:
+            report.moved += 1
+        else:
+            report.unchanged += len(ids)
+        size, mtime = _stat(rec.path)
+        text = rec.embed_text
+        text_vector = self.encoder.encode_text([text])[0] if text else None
+        rows = [{**{k: old[k] for k in SEGMENT_FIELDS}, "text_vector": text_vector, "path": path, "caption": rec.caption,
+                 "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime} for old in self.store.get(sorted(ids), SEGMENT_FIELDS)]
+        self.store.upsert(rows)
+        for r in rows:
+            self.ids_by_path[stored].discard(r["id"])
+            self.ids_by_path[path].add(r["id"])
+            self.rows[r["id"]] = {**self.rows[r["id"]], **r}
+        return ids
 
     def _add_text_vectors(self, rows: list[dict[str, Any]]) -> None:
         """Rows whose record has text get that text's embedding from the same encoder."""
@@ -294,6 +448,8 @@ class Indexer:
             row = self.rows.pop(i, None)
             if row is not None:
                 self.ids_by_path[row["path"]].discard(i)
+                if row.get("media_id") in self.media:
+                    self.media[row["media_id"]].discard(i)
 
     def _drop_orphan_tokens(self) -> None:
         """Tokens whose row never landed (a kill between the two writes) are removed."""

@@ -17,26 +17,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import registry
-from .config import PipelineConfig, StageSpec, config_to_dict, prune_none
+from .config import PipelineConfig, StageSpec, config_from_dict, config_to_dict, prune_none
 from .errors import ConfigError, InputError
 from .indexing import Indexer
 from .query import validate_query
 from .search import CollectionFacts, plan_search, query_kind, run_search
 from .stages.base import Encoder, ImageSide, Reranker, Source, Store
-from .tables import TABLE_EXTENSIONS
+from .tables import TABLE_EXTENSIONS, is_shard_folder
 from .types import IndexReport, SearchResult
+from .video import VideoConfig
 
 if TYPE_CHECKING:
+    from .stages.stores.milvus_bulk import BulkImport
     from .tokencache import TokenWriter
 
 log = logging.getLogger(__name__)
 
 
 def open_source(source: str | Path | Source, *, text_columns: list[str] | None = None) -> Source:
-    """A folder -> ``source/folder``; a .csv/.parquet/.jsonl file -> ``source/table``."""
+    """A folder -> ``source/folder``; a .csv/.parquet/.jsonl file, or a folder holding .parquet
+    files and no image (a sharded table) -> ``source/table``."""
     if isinstance(source, Source):
         return source
     p = Path(source).expanduser()
+    if p.is_dir() and is_shard_folder(p):
+        return registry.create("source", "table", {"path": str(p), "text_columns": list(text_columns or [])})
     if p.is_dir():
         if text_columns:
             raise InputError("--text-columns applies to tables; a folder has no columns")
@@ -71,6 +76,7 @@ class Pipeline:
         store: Store | dict[str, Any] | None = None,
         reranker: Reranker | str | dict[str, Any] | None = None,
         cache_tokens: bool = True,
+        video: VideoConfig | dict[str, Any] | None = None,
     ):
         if config is None:
             config = PipelineConfig()
@@ -101,6 +107,9 @@ class Pipeline:
                 rer = rer.with_params({"device": device})
         self.config = replace(config, encoder=enc, store=sto, reranker=rer)
         self.cache_tokens = cache_tokens  # index runs write image tokens for the reranker
+        # how index runs sample and segment videos (a dict: VideoConfig fields, None values ignored)
+        self.video = video if isinstance(video, VideoConfig) else config_from_dict(
+            VideoConfig, prune_none(video or {}), where="video config")
         self._bound = False  # the reranker was given the encoder and store
         self._forget_collection()
 
@@ -188,20 +197,62 @@ class Pipeline:
 
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None,
-              on_progress: Callable[[int], None] | None = None, text_columns: list[str] | None = None) -> IndexReport:
+              on_progress: Callable[[int], None] | None = None, text_columns: list[str] | None = None,
+              bulk_import: BulkImport | None = None, ray: str | None = None, ray_actors: int | None = None) -> IndexReport:
         """Embed and store every image of a folder or table. Idempotent and crash-safe: ids derive
         from content, so re-running adds nothing, a changed file replaces its old entry, a moved
-        file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`)."""
+        file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`).
+        ``bulk_import``: a first load of a new or empty collection on a Milvus server through Milvus'
+        bulk import (Parquet files, then one import job at the end: :mod:`.stages.stores.milvus_bulk`).
+        ``ray``: decode and encode on a pool of Ray actors (:mod:`.distributed`; "" or "local" starts
+        a local Ray instance, "auto" or "ray://host:port" joins a cluster), ``ray_actors`` of them;
+        every write still goes through this process. The report then has a ``ray`` section."""
+        if ray_actors is not None and ray is None:
+            raise InputError("--ray-actors applies to runs on Ray; add --ray [ADDRESS]")
+        if ray_actors is not None and ray_actors < 1:
+            raise InputError(f"--ray-actors must be at least 1, got {ray_actors}")
         src = open_source(source, text_columns=text_columns)
+        cluster = None
+        if ray is not None:  # an unreachable address fails here, before anything is written
+            from .distributed import connect
+
+            cluster = connect(ray)
+        try:
+            return self._index(src, progress=progress, on_progress=on_progress, bulk_import=bulk_import,
+                               cluster=cluster, ray_actors=ray_actors)
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+    def _index(self, src: Source, *, progress: bool | None, on_progress: Callable[[int], None] | None,
+               bulk_import: BulkImport | None, cluster: Any, ray_actors: int | None) -> IndexReport:
+        store = self.store if bulk_import is None else bulk_import.wrap(self.store, progress=progress)  # refuses Lite, a loaded collection
         if self.store.exists():  # a wrong model fails before it is downloaded
             self.store.check_compatible(self.encoder.info())
         self.encoder.warm_up()  # a model that can't load fails before a token cache file is created
         existed = self.store.exists()
         try:
-            indexer = Indexer(self.encoder, self.store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
-                              on_progress=on_progress)
-            return indexer.run(src)
+            extra: dict[str, Any] = {}
+            if cluster is not None:  # the actors rebuild the encoder (and a reranker's image side) from their specs
+                from .distributed import RayEncodeBatches, stage_spec
+
+                lite = getattr(self.store, "local_path", None)
+                if lite is not None:  # said, not refused: one writer is what Milvus Lite needs
+                    log.warning("--ray with the Milvus Lite file %s: the Ray actors only decode and encode; this process "
+                                "writes every batch (Milvus Lite admits one process)", lite)
+
+                side = self.image_side()
+                extra["encode_batches"] = RayEncodeBatches(cluster, self.encoder, actors=ray_actors,
+                                                           side_spec=None if side is None else stage_spec(self.reranker))
+            indexer = Indexer(self.encoder, store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
+                              on_progress=on_progress, video=self.video, **extra)
+            report = indexer.run(src)
+            if cluster is not None:
+                report.ray = extra["encode_batches"].describe()
+            return report
         finally:
+            if store is not self.store:
+                store.close()  # a bulk import that never reached its end: remove its partial files
             self._forget_collection()
             if not existed and not self.store.exists():  # nothing indexed: leave no token cache behind
                 _remove_cache_dir(self.store.cache_dir())
@@ -217,7 +268,8 @@ class Pipeline:
             scope = scope.parent
         try:
             tokens = None if dry_run else self.token_writer()  # a dry run creates no cache file
-            indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress)
+            indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress,
+                              video=self.video)
             return indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
         finally:
             self._forget_collection()
@@ -243,6 +295,7 @@ class Pipeline:
         filter: str = "",
         rerank: bool | None = None,
         offset: int = 0,
+        group_by_video: bool | None = None,
     ) -> SearchResult:
         """Search by text (``query``) or by image (``image``: a path, URL or bytes; or ``image_id``:
         an indexed item), against image vectors (``mode="image"``), the items' text vectors
@@ -253,13 +306,14 @@ class Pipeline:
         ``rerank``: None reranks the first stage's ``candidates`` when a reranker is configured
         and applies (a text query against images: image and hybrid modes); True asks for it and
         raises InputError naming why when it can't be done; False never reranks
-        (``result.reranked`` says which). ``offset`` skips that many hits (paging). The flow
-        itself is :mod:`mm_retrieval.search`.
+        (``result.reranked`` says which). ``offset`` skips that many hits (paging).
+        ``group_by_video`` (None: on) keeps each video's best segment only. The flow itself is
+        :mod:`mm_retrieval.search`.
         """
         kind = query_kind(query, image, image_id)
         text = validate_query(query) if query is not None else None
         plan = plan_search(self.config.search, kind=kind, has_reranker=self.config.reranker is not None, mode=mode, k=k,
-                           candidates=candidates, offset=offset, filter=filter, rerank=rerank)
+                           candidates=candidates, offset=offset, filter=filter, rerank=rerank, group_by_video=group_by_video)
         return run_search(plan, store=self.store, encoder=self.encoder, reranker=self.reranker if plan.rerank else None,
                           facts=self.collection_facts, text=text, image=image, image_id=image_id)
 

@@ -14,7 +14,11 @@ steps; only *how* the models run differs (the server batches its device work):
 3. Encoding: a text query is one :class:`~mm_retrieval.query.Query`, encoded once and shared by
    the first stage and the reranker (:func:`encode_text`); an image query is a vector
    (:func:`encode_image_query`, :func:`stored_vector`).
-4. :func:`first_stage`: the store's search in that mode (hybrid: Milvus' own fusion).
+4. :func:`first_stage`: the store's search in that mode (hybrid: Milvus' own fusion); with
+   ``group_by_video`` (the default) the store keeps each video's best segment (Milvus' grouping
+   search on ``media_id``), so one long video cannot fill the page. Grouping happens here,
+   before reranking: the reranker's candidates are then distinct videos and images, and it
+   scores one moment per video (the first stage's best).
 5. :func:`rerank` (or, with scores computed elsewhere, :func:`apply_rerank_scores`): the
    reranker's order in image mode, fused with the text leg in hybrid mode
    (:mod:`mm_retrieval.stages.fusion`).
@@ -71,6 +75,7 @@ class SearchPlan:
     filter: str
     rerank: bool
     options: SearchConfig
+    group_by_video: bool = True  # one hit per video (its best segment)
 
     @property
     def top(self) -> int:
@@ -91,10 +96,12 @@ def query_kind(query: Any, image: Any, image_id: Any) -> str:
 
 
 def plan_search(defaults: SearchConfig, *, kind: str, has_reranker: bool, mode: str | None = None, k: int | None = None,
-                candidates: int | None = None, offset: int = 0, filter: str = "", rerank: bool | None = None) -> SearchPlan:
+                candidates: int | None = None, offset: int = 0, filter: str = "", rerank: bool | None = None,
+                group_by_video: bool | None = None) -> SearchPlan:
     """Check a search's options against ``defaults`` (the pipeline's ``[search]``) and decide
-    whether it reranks. ``None`` means "the default". Raises :class:`InputError` naming what is
-    wrong, including an explicit ``rerank=True`` that cannot be honoured."""
+    whether it reranks. ``None`` means "the default" (``group_by_video``: on). Raises
+    :class:`InputError` naming what is wrong, including an explicit ``rerank=True`` that cannot
+    be honoured."""
     opts = config_from_dict(SearchConfig, {**vars(defaults), **prune_none({"k": k, "candidates": candidates, "mode": mode})},
                             where="search options")
     if opts.mode not in MODES:
@@ -110,7 +117,7 @@ def plan_search(defaults: SearchConfig, *, kind: str, has_reranker: bool, mode: 
         raise InputError(f"reranking was asked for, but {why_not}")
     reranks = why_not is None and (rerank if rerank is not None else bool(opts.rerank))
     return SearchPlan(kind=kind, mode=opts.mode, k=opts.k, offset=offset, candidates=opts.candidates, filter=filter,
-                      rerank=reranks, options=opts)
+                      rerank=reranks, options=opts, group_by_video=True if group_by_video is None else bool(group_by_video))
 
 
 def _why_not_reranked(kind: str, mode: str, has_reranker: bool) -> str | None:
@@ -234,14 +241,28 @@ def query_label(text: str | None, image: Any = None, image_id: str | None = None
 # ---- searching ---------------------------------------------------------------------------------
 def first_stage(store: Store, plan: SearchPlan, mode: str, vectors: np.ndarray, *, depth: int | None = None) -> list[list[Hit]]:
     """For each query vector ([N, D]), the best ``depth`` (default :attr:`SearchPlan.depth`) hits
-    in ``mode``. Hybrid keeps text-only items out when reranking (the reranker scores images)."""
+    in ``mode``. Hybrid keeps text-only items out when reranking (the reranker scores images).
+    With ``plan.group_by_video`` each video contributes its best segment only."""
     limit = plan.depth if depth is None else depth
     vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(vectors)[-1])
     if mode != "hybrid":
-        return store.search(vectors, limit, plan.filter, mode=mode)
+        return store.search(vectors, limit, plan.filter, mode=mode, **_grouping(store.search, plan))
     o = plan.options
     return [store.hybrid_search(v, limit, plan.filter, ranker=o.hybrid_ranker, weights=tuple(o.hybrid_weights), rrf_k=o.rrf_k,
-                                images_only=plan.rerank) for v in vectors]
+                                images_only=plan.rerank, **_grouping(store.hybrid_search, plan)) for v in vectors]
+
+
+def _grouping(method: Any, plan: SearchPlan) -> dict[str, Any]:
+    """``group_by_media`` for a store method that takes it. A third-party store written before
+    videos existed doesn't, and can't hold videos either (it has no media fields): each of its
+    items is its own media item, so there is nothing to group."""
+    import inspect
+
+    try:
+        takes = "group_by_media" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"group_by_media": plan.group_by_video} if takes else {}
 
 
 def rerank(plan: SearchPlan, mode: str, reranker: Reranker, query: Query, hits: Sequence[Hit]) -> list[Hit]:

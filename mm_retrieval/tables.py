@@ -2,11 +2,16 @@
 
 A table has a ``path`` column (absolute, or relative to the table's folder), an optional
 ``caption`` column, and any other columns, which become filterable metadata.
+
+A folder of Parquet shards (``part-00000.parquet``, ... as Spark, Ray or pyarrow write a
+dataset) is one table: its shards are read in name order, each on its own, so an unreadable
+shard is reported by its path while the others are still indexed (:func:`parquet_shards`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,35 @@ def read_table(path: str | Path):
     if "path" not in df.columns:
         raise InputError(f"table {p} has no 'path' column (columns: {', '.join(map(str, df.columns))}); add one with each image's file path")
     return df
+
+
+def parquet_shards(folder: str | Path) -> list[Path]:
+    """The ``*.parquet`` files directly in ``folder``, in name order; names starting with ``.`` or
+    ``_`` (Spark's ``_SUCCESS``, ``_metadata``, checksum files) are not shards."""
+    p = Path(folder)
+    try:
+        entries = sorted(p.iterdir())
+    except OSError as e:
+        raise InputError(f"cannot list the table folder {p}: {e.strerror or e}") from e
+    return [f for f in entries if f.suffix.lower() == ".parquet" and not f.name.startswith((".", "_")) and f.is_file()]
+
+
+def is_shard_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a table of Parquet shards rather than a folder of images: it holds
+    ``*.parquet`` files directly and no image file anywhere below it."""
+    from . import decode
+
+    media = decode.IMAGE_EXTENSIONS | frozenset(getattr(decode, "VIDEO_EXTENSIONS", ()))
+    p = Path(folder)
+    try:
+        if not parquet_shards(p):
+            return False
+    except InputError:
+        return False
+    for _, _, files in os.walk(p):  # stops at the first image: a photo folder returns at once
+        if any(Path(f).suffix.lower() in media for f in files):
+            return False
+    return True
 
 
 def resolve_path(table: Path, value: Any) -> Path:

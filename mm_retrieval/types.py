@@ -48,6 +48,12 @@ class Hit:
     image_score: float | None = None  # hybrid search: the image-vector similarity (the reranker's input)
     text_score: float | None = None  # hybrid search: the text-vector similarity (None: the item has no text)
     rerank_score: float | None = None  # hybrid + rerank: the reranker's own score (``score`` is the fused one)
+    # A video segment (None for an image): the video's item id, the segment's seconds, and the
+    # time of the frame whose vector and tokens it holds. ``path`` is the video file's.
+    video_id: str | None = None
+    start: float | None = None
+    end: float | None = None
+    frame: float | None = None
 
     @property
     def first_stage_image_score(self) -> float:
@@ -69,6 +75,8 @@ class Hit:
         for name in ("image_score", "text_score", "rerank_score"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
+        if self.video_id is not None:  # a moment of a video: which video, and when
+            doc.update({"video": {"id": self.video_id, "path": self.path}, "start": self.start, "end": self.end, "frame": self.frame})
         return doc
 
 
@@ -124,6 +132,8 @@ class IndexReport:
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     plan: dict[str, Any] | None = None  # what a dry run would do
+    video: dict[str, Any] | None = None  # when the source lists videos: the bounds used and counts
+    ray: dict[str, Any] | None = None  # a run on Ray (--ray): address, actors, resources per actor
 
     @property
     def skipped(self) -> int:
@@ -141,4 +151,6 @@ class IndexReport:
             "removed": self.removed,
             "seconds": round(self.seconds, 3),
             **({"plan": self.plan} if self.plan is not None else {}),
+            **({"video": self.video} if self.video is not None else {}),
+            **({"ray": self.ray} if self.ray is not None else {}),
         }

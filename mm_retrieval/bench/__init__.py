@@ -6,7 +6,11 @@ Suites (one module each):
 * ``search``  -- our search stage vs a raw ``MilvusClient.search``; ANN recall@10 vs exact search;
 * ``rerank``  -- our reranker's latency and cache bytes vs BLIP image-text matching;
 * ``blip``    -- the BLIP reranker from cached tokens vs re-encoding the images, per storage option;
-* ``quality`` -- first stage vs reranked Recall@K on held-out compositional captions.
+* ``quality`` -- first stage vs reranked Recall@K on held-out compositional captions;
+* ``video``   -- video decoding (frames/s vs a bare decode), segments per minute vs true scenes, index
+  time per hour of video (demo model, ViT-B-32), Milvus grouping search vs grouping in Python;
+* ``scale``   -- indexing images/s in one process vs on Ray with 1 and 2 encoder actors, Ray's
+  overhead per batch, and the rows/s one driver writes (the ceiling of a cluster run).
 
 :func:`run_benchmarks` returns one JSON-serialisable document: the machine it ran on, each suite's
 section, and the DESIGN.md section-4 targets judged from them (:mod:`.targets`).
@@ -23,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SUITES = ("encode", "search", "rerank", "blip", "quality")
+SUITES = ("encode", "search", "rerank", "blip", "quality", "video", "scale")
 
 
 def run_benchmarks(suites: tuple[str, ...] | list[str] = SUITES, *, device: str = "auto", quick: bool = False,

@@ -68,6 +68,14 @@ def figures(doc: dict[str, Any]) -> list[str]:
             lines.append(f"        cache {name:<11} kv_heads {lay['kv_heads']}: memory {lay['memory_bytes_per_image']['tensor']:,} B/img; "
                          f"per-layer K/V would be {lay['per_layer_kv_bytes_per_image']['tensor']:,} B/img; "
                          f"model p50 {_f(lay['model_ms_at_candidates']['p50_ms'])} ms at {lay['model_ms_at_candidates']['candidates']}")
+    if sc := s.get("scale"):
+        from .scale import figure_lines
+
+        lines += figure_lines(sc)
+    if v := s.get("video"):
+        from .video import summary_lines
+
+        lines += summary_lines(v)
     if b := s.get("blip"):
         lines += _blip(b)
     if q := s.get("quality"):

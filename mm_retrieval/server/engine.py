@@ -119,7 +119,7 @@ class Engine:
     # ---- search ----------------------------------------------------------------------------
     async def search(self, query: str | None = None, *, image: bytes | None = None, image_id: str | None = None,
                      k: int | None = None, candidates: int | None = None, filter: str = "", rerank: bool | None = None,
-                     mode: str | None = None, offset: int = 0) -> SearchResult:
+                     mode: str | None = None, offset: int = 0, group_by_video: bool | None = None) -> SearchResult:
         """``mmr search`` over HTTP, by text (``query``) or by image (``image`` bytes, or
         ``image_id`` of an indexed item): the flow of :mod:`mm_retrieval.search`, so the same
         defaults, modes, limits, reranking rule and scores as ``Pipeline.search``. The model work
@@ -130,11 +130,13 @@ class Engine:
         ``k = offset + k`` (reranking orders the top ``max(candidates, offset + k)`` candidates).
         What the request alone shows to be unusable (options, an explicit ``rerank`` that can't be
         honoured) is a 422; what the collection refuses (a mode without text vectors) a 400.
+        ``group_by_video`` (None: on) keeps each video's best moment only.
         """
         text = self._query(query) if query is not None else None
         try:
             plan = plan_search(self.pipeline.config.search, kind=query_kind(query, image, image_id), has_reranker=self.has_reranker,
-                               mode=mode, k=k, candidates=candidates, offset=offset, filter=filter, rerank=rerank)
+                               mode=mode, k=k, candidates=candidates, offset=offset, filter=filter, rerank=rerank,
+                               group_by_video=group_by_video)
         except InputError as e:
             raise ApiError(422, str(e)) from e
         searched = await self._threaded(resolve_mode, plan, self.pipeline.collection_facts)

@@ -3,7 +3,10 @@ JSON/image routes it uses beside ``POST /search``.
 
 * ``GET /`` (also ``/ui``) -- the page; ``GET /static/{app.js,app.css}`` -- its code;
 * ``GET /collection`` -- what the page needs to draw its controls (reranker? text vectors? limits);
-* ``GET /thumb/{id}``, ``GET /image/{id}`` -- an indexed item's image, resized JPEG (see :mod:`.media`);
+* ``GET /thumb/{id}``, ``GET /image/{id}`` -- an indexed item's image, resized JPEG (a video segment's:
+  its representative frame; see :mod:`.media`);
+* ``GET|HEAD /video/{id}`` -- an indexed video's file (by a segment's id or the video's), with HTTP
+  range requests (206/416), for the page's ``<video>`` player;
 * ``POST /explain`` -- the reranker's attention grids for (query, item), drawn by the page on a canvas.
 
 The page and its static files need no API key (they hold no data); everything they fetch does.
@@ -17,13 +20,15 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from ..search import MAX_CANDIDATES
 from .engine import Engine
 from .errors import ApiError
-from .media import Rendered
+from .media import OpenVideo, Rendered
+from .ranges import FileChunks, RangeNotSatisfiable, parse_range
 
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
@@ -71,15 +76,17 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/collection", tags=["web"])
     async def collection() -> dict:
-        """What the search page shows and offers: the collection, whether a reranker and text
-        vectors are there (and so which modes work), search defaults and request limits."""
+        """What the search page shows and offers: the collection, whether a reranker, text
+        vectors and videos are there (and so which modes and options work), search defaults and
+        request limits."""
         store = engine.pipeline.store
-        items, with_text = await engine._threaded(lambda: (store.count(), store.count_with_text()))
+        items, with_text, videos = await engine._threaded(lambda: (store.count(), store.count_with_text(), engine.media.has_videos()))
         defaults = engine.pipeline.config.search
         return {
             "collection": store.name, "items": items, "items_with_text": with_text, "model": engine.model_name,
             "reranker": engine.has_reranker,
             "explain": engine.has_reranker and engine.reranker.can_explain,
+            "videos": videos,  # moments of videos are indexed: the page offers one-per-video grouping
             "modes": ["auto", "image", "text", "hybrid"] if with_text else ["image"],
             "defaults": {"k": defaults.k, "candidates": defaults.candidates, "mode": defaults.mode},
             "limits": {"max_k": MAX_CANDIDATES, "max_query_chars": engine.config.max_query_chars,
@@ -99,6 +106,21 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
         """An indexed item's whole image, re-encoded as JPEG (at most ``max_view_side`` px)."""
         return _image_response(await run_in_threadpool(engine.media.render, item_id, thumb=False), request)
 
+    @app.get("/video/{item_id}", tags=["web"], response_class=Response,
+             responses={200: {"content": {"video/*": {}}, "description": "the whole video file"},
+                        206: {"description": "the requested byte range (Content-Range)"},
+                        416: {"description": "a Range the file cannot satisfy"}})
+    async def video(item_id: str, request: Request) -> Response:
+        """An indexed video's file, for the page's player: ``item_id`` is a segment's id (as
+        /search returns it) or the video's own (``video.id``). Supports ``Range: bytes=...``
+        (206 with ``Content-Range``; 416 for a range past the end or malformed) and HEAD. 404 for
+        an unknown id or an item that is an image; 403 for a file that now resolves outside the
+        recorded paths (as /image)."""
+        opened = await run_in_threadpool(engine.media.open_video, item_id)
+        return _video_response(opened, request)
+
+    app.head("/video/{item_id}", include_in_schema=False)(video)  # the same answer without a body (one operation in the docs)
+
     @app.post("/explain", tags=["web"], response_model=ExplainResponse)
     async def explain(req: ExplainRequest) -> dict:
         """The reranker's cross-attention over an indexed image, per query word and per head
@@ -111,3 +133,30 @@ def _image_response(r: Rendered, request: Request) -> Response:
     if request.headers.get("if-none-match") == r.etag:
         return Response(status_code=304, headers=headers)
     return Response(r.body, media_type=r.media_type, headers=headers)
+
+
+def _video_response(v: OpenVideo, request: Request) -> Response:
+    """200 / 206 / 416 for an opened video; the body streams from ``v.fd`` and closes it."""
+    from email.utils import formatdate
+
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600", "ETag": v.etag,
+               "Last-Modified": formatdate(v.mtime, usegmt=True)}
+    header = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if header and if_range is not None and if_range != v.etag:  # the file changed since the client's copy: send it whole
+        header = None
+    try:
+        r = parse_range(header, v.size)
+    except RangeNotSatisfiable as e:
+        v.close()
+        return Response(str(e), status_code=416, media_type="text/plain; charset=utf-8",
+                        headers={**headers, "Content-Range": f"bytes */{v.size}"})
+    start, length, status = (0, v.size, 200) if r is None else (r.start, r.length, 206)
+    headers["Content-Length"] = str(length)
+    if r is not None:
+        headers["Content-Range"] = r.content_range(v.size)
+    if request.method == "HEAD":
+        v.close()
+        return Response(status_code=status, headers=headers, media_type=v.media_type)
+    body = FileChunks(v.fd, start, length)
+    return StreamingResponse(body, status_code=status, headers=headers, media_type=v.media_type, background=BackgroundTask(body.close))

@@ -220,6 +220,13 @@ class Store(Stage):
     and ``metadata`` in Milvus' expression language (what ``--filter`` documents), e.g.
     ``metadata["year"] >= 2020 and caption like "%dog%"``. Reads on a missing collection behave
     as on an empty one except where noted.
+
+    Media items: a row may also carry ``media_id`` (the media item it belongs to: an image is
+    its own, default ``id``; a video segment's is the video's item id), ``start`` / ``end``
+    (the segment's seconds), ``frame`` (the time of the frame its vector comes from) and
+    ``segments`` (how many segments its video has), all 0 for an image. A store that keeps them
+    says so with :meth:`has_media_fields`; hits of segments carry ``video_id`` / ``start`` /
+    ``end`` / ``frame``, and ``group_by_media`` searches return one hit per media item.
     """
 
     # ---- the collection -------------------------------------------------------------------
@@ -310,22 +317,31 @@ class Store(Stage):
     def query(self, filter: str, fields: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """At most ``limit`` rows matching ``filter`` (a non-empty expression), with ``fields``."""
 
+    def has_media_fields(self) -> bool:
+        """Whether rows keep the media fields (see the class docstring), so video segments can be
+        stored; a store without them raises InputError on a segment row. Default: False."""
+        return False
+
     @abstractmethod
-    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image") -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image",
+               group_by_media: bool = False) -> list[list[Hit]]:
         """For each query vector [Q, D], its best ``limit`` hits matching ``filter``, highest
         score first, ranks 1..n, ``score == retrieval_score``. ``mode`` "image" searches image
         vectors (items with an image), "text" the text vectors (items with text); another mode is
-        an InputError, and so is "text" on a collection without text vectors."""
+        an InputError, and so is "text" on a collection without text vectors.
+        ``group_by_media``: at most one hit per ``media_id`` (its best row), ``limit`` media items;
+        a store without media fields returns the ungrouped hits (each item its own media)."""
 
     @abstractmethod
     def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
                       weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60,
-                      images_only: bool = False) -> list[Hit]:
+                      images_only: bool = False, group_by_media: bool = False) -> list[Hit]:
         """One query vector [D] against both the image and the text vectors, fused by ``ranker``
         ("rrf" with constant ``rrf_k``, or "weighted" with (image, text) ``weights``; another is
         an InputError). Each hit's ``score`` is the fused score, ``image_score`` its image-vector
         similarity when it has an image, ``text_score`` its text-vector similarity when it has
-        text. ``images_only`` leaves out items without an image."""
+        text. ``images_only`` leaves out items without an image; ``group_by_media`` keeps each
+        media item's best fused hit (as in :meth:`search`)."""
 
 
 class ImageSide(Protocol):
@@ -424,6 +440,22 @@ class Reranker(Stage):
             f"{self.label} cannot show what it attended to; explaining needs a reranker that can "
             "(e.g. reranker/cross_attention: pass --rerank DIR from `mmr train-reranker`)"
         )
+
+
+def best_per_media(hits: Sequence[Hit], limit: int) -> list[Hit]:
+    """The first (best) hit of each media item, at most ``limit``, ranks renumbered: grouping
+    over candidates, for a store without a grouping search of its own (Milvus has one)."""
+    seen: set[str] = set()
+    out: list[Hit] = []
+    for h in hits:
+        key = h.video_id or h.id
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(dataclasses.replace(h, rank=len(out) + 1))
+        if len(out) >= limit:
+            break
+    return out
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -372,6 +372,66 @@ class StoreContract:
         with pytest.raises(InputError):
             store.hybrid_search(q, 3, ranker="borda")
 
+    # ---- media items (video segments) --------------------------------------------------------
+    def segment_rows(self, video: str = "5e" * 16, n: int = 4) -> list[dict[str, Any]]:
+        """``n`` segments of one video (one caption, shared), each 5 s, vectors near each other."""
+        rng = np.random.default_rng(11)
+        base = rng.standard_normal(self.dim).astype(np.float32)
+        text = rng.standard_normal(self.dim).astype(np.float32)
+        out = []
+        for k in range(n):
+            v = base + 0.3 * rng.standard_normal(self.dim).astype(np.float32)
+            out.append({
+                "id": f"{k:02x}" + "5e9" * 10, "vector": v / np.linalg.norm(v), "text_vector": text / np.linalg.norm(text),
+                "path": "/contract/clip.mp4", "content_hash": "ab" * 32, "caption": "a clip", "metadata": {"group": "v"},
+                "file_size": 5000, "mtime_ns": 7, "media_id": video, "start": 5.0 * k, "end": 5.0 * (k + 1),
+                "frame": 5.0 * k + 2.5, "segments": n,
+            })
+        return out
+
+    def test_segments_carry_their_video_and_times(self, store):
+        if not store.has_media_fields():  # a store without media fields must refuse segments clearly
+            store.ensure_collection(self.encoder_info())
+            with pytest.raises(InputError):
+                store.upsert(self.segment_rows())
+            return
+        self.filled(store)
+        segs = self.segment_rows()
+        store.upsert(segs)
+        store.flush()
+        (hits,) = store.search(segs[2]["vector"][None], 30)
+        by_id = {h.id: h for h in hits}
+        for s in segs:
+            h = by_id[s["id"]]
+            assert (h.video_id, h.start, h.end, h.frame, h.path) == (s["media_id"], s["start"], s["end"], s["frame"], s["path"])
+            doc = h.to_dict()
+            assert doc["video"] == {"id": s["media_id"], "path": s["path"]} and doc["start"] == s["start"]
+        images = [h for h in hits if h.id not in {s["id"] for s in segs}]
+        assert images and all(h.video_id is None and "video" not in h.to_dict() for h in images)
+        got = {r["id"]: r for r in store.get([s["id"] for s in segs], ["media_id", "segments"])}
+        assert all(got[s["id"]]["media_id"] == s["media_id"] and got[s["id"]]["segments"] == len(segs) for s in segs)
+
+    def test_group_by_media_keeps_each_videos_best_segment(self, store):
+        if not store.has_media_fields():
+            return
+        rows = self.filled(store)
+        segs = self.segment_rows()
+        store.upsert(segs)
+        store.flush()
+        q = segs[2]["vector"]
+        (flat,) = store.search(q[None], 30)
+        (grouped,) = store.search(q[None], 30, group_by_media=True)
+        assert sum(h.video_id is not None for h in flat) == len(segs)
+        assert [h.id for h in grouped if h.video_id is not None] == [segs[2]["id"]]  # the best one
+        assert {h.id for h in grouped if h.video_id is None} == {r["id"] for r in rows if r["has_image"]}
+        assert [h.rank for h in grouped] == list(range(1, len(grouped) + 1)) and _sorted_desc([h.score for h in grouped])
+        (top,) = store.search(q[None], 2, group_by_media=True)
+        assert len(top) == 2 and len({h.video_id or h.id for h in top}) == 2
+        fused = store.hybrid_search(q, 30, group_by_media=True)
+        assert sum(h.video_id is not None for h in fused) == 1
+        text_only = store.search(segs[0]["text_vector"][None], 30, mode="text", group_by_media=True)[0]
+        assert sum(h.video_id is not None for h in text_only) == 1  # all segments share the caption
+
 
 # ---- rerankers ---------------------------------------------------------------------------------
 class RerankerContract:

@@ -108,6 +108,25 @@ def test_bench_rerank_quick(tmp_path, capsys):
     assert layouts["multi_head"]["per_layer_kv_bytes_per_image"]["tensor"] == 4 * layouts["multi_query"]["per_layer_kv_bytes_per_image"]["tensor"]
 
 
+def test_bench_video_quick(tmp_path, capsys):
+    doc, _ = bench(tmp_path, capsys, "--suite", "video")
+    check_common(doc, "video")
+    v = doc["suites"]["video"]
+    d = v["decode"]
+    assert d["frames_decoded"] >= d["frames_sampled"] > 0 and d["decoded_frames_per_s"]["against"].startswith("bare PyAV decode")
+    assert d["decoded_frames_per_s"]["value"] > 0 and d["decoded_frames_per_s"]["against_value"] > 0
+    demo = v["models"]["demo"]
+    assert demo["failed"] == [] and demo["segments"] >= 1 and demo["indexed"] == demo["segments"]
+    assert demo["index_s_per_video_hour"]["value"] > demo["index_s_per_video_hour"]["against_value"] > 0  # indexing includes decoding
+    assert demo["segments_per_minute"]["value"] > 0 and demo["segments_per_minute"]["against_value"] > 0
+    assert 0 <= demo["scene_changes_found"]["found"] <= demo["scene_changes_found"]["of"]
+    g = v["grouping"]
+    assert g["rows"] == g["videos"] * g["segments_per_video"] > 0
+    assert g["milvus_vs_python"]["ratio"] > 0 and g["milvus_vs_python"]["median_of_round_ratios"] > 0
+    assert all(0 <= g[key] <= 1 for key in ("python_found_k_videos", "milvus_found_k_videos", "python_agrees_with_milvus"))
+    positive_times(v)
+
+
 @pytest.mark.bench  # trains an encoder (open_clip_train in a subprocess) and a reranker: minutes
 def test_bench_quality_quick(tmp_path, capsys):
     doc, _ = bench(tmp_path, capsys, "--suite", "quality")

@@ -33,9 +33,16 @@ class SearchRequest(BaseModel):
     filter: str = Field("", max_length=MAX_FILTER_CHARS, description='Milvus boolean expression, e.g. metadata["year"] >= 2020.')
     rerank: Optional[bool] = Field(None, description="false: first stage only; default: rerank when the server has a reranker and it "
                                                      "applies (a text query, image or hybrid mode); true: insist (422 saying why when it can't).")
+    group_by_video: Optional[bool] = Field(None, description="Default true: at most one hit per video (its best-scoring moment), so one long "
+                                                             "video cannot fill the page; false: every matching moment.")
     mode: Optional[Literal["auto", "image", "text", "hybrid"]] = Field(
         None, description="Search image vectors, the items' text vectors, or both fused. Default auto: a text query searches both (hybrid) "
                           "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images).")
+
+
+class VideoRef(BaseModel):
+    id: str = Field(description="The video's item id (GET /video/{id} plays it).")
+    path: str
 
 
 class SearchHit(BaseModel):
@@ -50,6 +57,10 @@ class SearchHit(BaseModel):
     image_score: Optional[float] = Field(None, description="Hybrid mode: the image-vector similarity.")
     text_score: Optional[float] = Field(None, description="Hybrid mode: the text-vector similarity (absent: the item has no text).")
     rerank_score: Optional[float] = Field(None, description="Hybrid mode, reranked: the reranker's score; `score` fuses it with the text leg.")
+    video: Optional[VideoRef] = Field(None, description="Present only for a moment of a video: the video it is from.")
+    start: Optional[float] = Field(None, description="A video moment's start, seconds from the video's beginning.")
+    end: Optional[float] = Field(None, description="A video moment's end, seconds.")
+    frame: Optional[float] = Field(None, description="The time of the moment's representative frame (what /thumb/{id} shows), seconds.")
 
 
 class SearchResponse(BaseModel):
@@ -64,5 +75,6 @@ async def search(engine: Engine, req: SearchRequest) -> dict:
     check_text(req.filter, "the filter", MAX_FILTER_CHARS)
     image = image_from_base64(req.image, engine.config, "image") if req.image is not None else None
     result = await engine.search(req.query, image=image, image_id=req.image_id, k=req.k, candidates=req.candidates,
-                                 filter=req.filter, rerank=req.rerank, mode=req.mode, offset=req.offset)
+                                 filter=req.filter, rerank=req.rerank, mode=req.mode, offset=req.offset,
+                                 group_by_video=req.group_by_video)
     return result.to_dict()

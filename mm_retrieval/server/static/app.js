@@ -1,5 +1,6 @@
 // The search page of `mmr serve`: vanilla JS over the server's JSON API, no build step.
-// POST search (by words, image bytes or an item id), GET thumb/ID and image/ID, POST explain.
+// POST search (by words, image bytes or an item id), GET thumb/ID and image/ID, POST explain;
+// a video hit (a moment: `video`, `start`, `end`) plays from GET video/ID (HTTP range requests).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -15,6 +16,7 @@ const state = {
   page: 1,
   seq: 0,              // newest search wins when answers arrive out of order
   detail: null,        // {hit, query, explanation, word, head, image}
+  videoUrl: null,      // an object URL of a video fetched with the API key (revoked on close)
 };
 
 class ApiError extends Error {
@@ -102,6 +104,7 @@ async function loadInfo() {
   $("candidates").max = info.limits.max_k;
   $("mode-label").hidden = info.modes.length < 2;  // modes other than image need text vectors
   $("mode").value = info.defaults.mode;
+  $("group-label").hidden = !info.videos;  // grouping matters only where videos are indexed
   $("query").maxLength = info.limits.max_query_chars;
   clearError();
   return true;
@@ -126,6 +129,7 @@ function buildRequest() {
   // for what the reranker can't score: image queries, text mode). Unticked: first stage only.
   if (!(state.info && state.info.reranker && $("rerank").checked)) body.rerank = false;
   if (!$("mode-label").hidden && $("mode").value !== "auto") body.mode = $("mode").value;
+  if (!$("group-label").hidden && !$("group-by-video").checked) body.group_by_video = false;  // default: one per video
   const filter = $("filter").value.trim();
   if (filter) body.filter = filter;
   return body;
@@ -166,6 +170,17 @@ function fmt(x) { return typeof x === "number" ? x.toFixed(3) : "–"; }
 
 function basename(path) { return (path || "").split(/[\\/]/).pop() || "(no file)"; }
 
+// Seconds as m:ss (h:mm:ss from an hour): a moment's start rounds down, its end up.
+function clock(seconds, round = Math.floor) {
+  const t = Math.max(0, round(seconds));
+  const h = Math.floor(t / 3600), m = Math.floor((t % 3600) / 60), s = String(t % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${s}` : `${m}:${s}`;
+}
+
+function momentText(hit) { return `${clock(hit.start)}–${clock(hit.end, Math.ceil)}`; }
+
+function isMoment(hit) { return Boolean(hit.video) && typeof hit.start === "number" && typeof hit.end === "number"; }
+
 function render(doc, body) {
   const grid = $("results");
   grid.textContent = "";
@@ -199,6 +214,15 @@ function card(hit, doc) {
     img.loading = "lazy";
     setImage(img, `thumb/${hit.id}`).catch(() => { img.alt = "image unavailable"; });
     box.append(img);
+    if (isMoment(hit)) {  // the representative frame, with where in the video the moment is
+      fig.classList.add("moment");
+      fig.dataset.video = hit.video.id;
+      const badge = document.createElement("span");
+      badge.className = "time-badge";
+      badge.textContent = `▶ ${momentText(hit)}`;
+      badge.title = `A moment of ${basename(hit.video.path)}: ${hit.start.toFixed(1)}–${hit.end.toFixed(1)} s (${(hit.end - hit.start).toFixed(1)} s)`;
+      box.append(badge);
+    }
   } else {
     box.textContent = hit.caption || "text-only item";
     box.classList.add("muted");
@@ -313,20 +337,26 @@ async function openDetail(hit, doc) {
   state.detail = { hit, query, explanation: null, word: -1, head: -1, image: null };
   const d = state.detail;
   $("detail").hidden = false;
-  $("detail-title").textContent = basename(hit.path);
+  $("detail-title").textContent = basename(hit.path) + (isMoment(hit) ? ` · ${momentText(hit)}` : "");
+  showPlayer(hit, d);
+  // the player shows the moment already: the frame on the canvas below only earns its place with a heatmap
+  $("detail").classList.toggle("frame-only", isMoment(hit) && !(state.info.explain && query));
   const dl = $("detail-scores");
   dl.textContent = "";
   const cols = scoreColumns(doc, !query);
   const rows = [["Rank", `#${hit.rank} (by ${cols[0].name})`]];
   for (const c of cols) rows.push([c.name[0].toUpperCase() + c.name.slice(1), `${fmt(c.value(hit))} · ${c.meaning}`]);
   if (!doc.reranked) rows.push(["Reranker score", "– (not reranked)"]);
+  if (isMoment(hit)) rows.push(["Moment", `${momentText(hit)} (${hit.start.toFixed(2)}–${hit.end.toFixed(2)} s; frame shown at ${fmt(hit.frame)} s)`]);
   if (hit.caption) rows.push(["Caption", hit.caption]);
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v;
     dl.append(dt, dd);
   }
-  $("detail-meta").textContent = JSON.stringify({ id: hit.id, path: hit.path, metadata: hit.metadata }, null, 2);
+  const meta = { id: hit.id, path: hit.path, metadata: hit.metadata };
+  if (isMoment(hit)) Object.assign(meta, { video: hit.video, start: hit.start, end: hit.end, frame: hit.frame });
+  $("detail-meta").textContent = JSON.stringify(meta, null, 2);
   $("words").textContent = "";
   $("head").textContent = "";
   $("explain").hidden = false;
@@ -399,6 +429,59 @@ function updatePressed() {
 function closeDetail() {
   $("detail").hidden = true;
   state.detail = null;
+  stopPlayer();
+}
+
+// ---- video moments -----------------------------------------------------------------------
+const MAX_KEYED_VIDEO_BYTES = 512 * 1048576;  // with an API key a video is fetched whole, into memory
+
+// The player streams video/ID (range requests: it fetches only what it plays) and starts at the
+// moment's `start`. A <video src> can't send the API key, so with a key the file is fetched whole
+// (with the key) and played from memory.
+async function showPlayer(hit, d) {
+  const player = $("player");
+  stopPlayer();
+  $("player-box").hidden = !isMoment(hit);
+  if (!isMoment(hit)) return;
+  player.dataset.start = String(hit.start);
+  player.dataset.ready = "false";
+  $("player-note").textContent = `Plays ${basename(hit.video.path)} from ${clock(hit.start)} (the moment ends at ${clock(hit.end, Math.ceil)}).`;
+  // handler properties, not listeners: a later hit's player replaces them
+  player.onloadedmetadata = () => {
+    player.currentTime = Math.min(hit.start, Number.isFinite(player.duration) ? player.duration : hit.start);
+  };
+  player.onseeked = () => {  // the first seek is ours: from here on the user's
+    player.onseeked = null;
+    player.dataset.ready = "true";
+    player.play().catch(() => { /* autoplay refused: the controls are there */ });
+  };
+  let src = `video/${hit.id}`;
+  if (state.key) {
+    try {
+      const size = Number((await api(src, { method: "HEAD" })).headers.get("content-length"));
+      if (size > MAX_KEYED_VIDEO_BYTES) {
+        if (state.detail === d) $("player-note").textContent = `This video is ${(size / 1048576).toFixed(0)} MiB: too large to fetch whole ` +
+          "with the API key (a <video> element cannot send it). Open the page on a server without --api-key to stream it.";
+        return;
+      }
+      if (state.detail !== d) return;
+      const blob = await (await api(src)).blob();
+      if (state.detail !== d) return;  // another item's view opened meanwhile: it owns the player
+      state.videoUrl = src = URL.createObjectURL(blob);
+    } catch (e) {
+      if (state.detail === d) $("player-note").textContent = `Video unavailable: ${e.message}`;
+      return;
+    }
+  }
+  player.src = src;
+}
+
+function stopPlayer() {
+  const player = $("player");
+  player.onloadedmetadata = player.onseeked = null;
+  player.pause();
+  if (player.getAttribute("src")) { player.removeAttribute("src"); player.load(); }  // stops the download
+  if (state.videoUrl) { URL.revokeObjectURL(state.videoUrl); state.videoUrl = null; }
 }
 
 // The map to show: one word's (or the mean over words), averaged over heads or from one head.
@@ -478,6 +561,7 @@ function saveHash(body, page) {
   p.set("candidates", body.candidates);
   p.set("rerank", body.rerank === false ? "0" : "1");
   if (body.mode) p.set("mode", body.mode);
+  if (body.group_by_video === false) p.set("group", "0");
   if (body.filter) p.set("filter", body.filter);
   history.replaceState(null, "", "#" + p.toString());
 }
@@ -491,6 +575,7 @@ function restoreHash() {
   if (p.has("candidates")) $("candidates").value = p.get("candidates");
   if (p.has("rerank") && !$("rerank").disabled) $("rerank").checked = p.get("rerank") === "1";
   if (p.has("mode")) $("mode").value = p.get("mode");
+  $("group-by-video").checked = p.get("group") !== "0";
   if (p.has("filter")) $("filter").value = p.get("filter");
   search(Math.max(1, parseInt(p.get("page"), 10) || 1));
   return true;
@@ -500,7 +585,7 @@ function restoreHash() {
 function wire() {
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search(1); });
   // Changing an option re-runs the current search from page 1.
-  for (const id of ["rerank", "mode", "candidates", "per-page"]) {
+  for (const id of ["rerank", "mode", "candidates", "per-page", "group-by-video"]) {
     $(id).addEventListener("change", () => { if (state.request) search(1); });
   }
   $("prev").addEventListener("click", () => runPage(state.page - 1));

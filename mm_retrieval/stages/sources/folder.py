@@ -1,4 +1,4 @@
-"""Source ``folder``: every image file under a directory, recursively."""
+"""Source ``folder``: every image and video file under a directory, recursively."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...decode import IMAGE_EXTENSIONS
+from ...decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from ...errors import InputError
 from ...registry import register
 from ...types import Record
 from ..base import Source
+
+
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class FolderConfig:
 
 @register("source", "folder")
 class FolderSource(Source):
-    """Image files (by extension) under ``path``, sorted; symlinked folders are not followed,
+    """Image and video files (by extension) under ``path``, sorted; symlinked folders are not followed,
     so a symlink loop can't make the walk endless."""
 
     Config = FolderConfig
@@ -41,7 +44,7 @@ class FolderSource(Source):
             for name in filenames:
                 if not self.config.include_hidden and name.startswith("."):
                     continue
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                if os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS:
                     found.append(Path(dirpath) / name)
         for p in sorted(found):
             yield Record(path=p)

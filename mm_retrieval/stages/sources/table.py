@@ -1,4 +1,6 @@
-"""Source ``table``: rows of a .csv/.parquet/.jsonl table (``path``, ``caption``, metadata).
+"""Source ``table``: rows of a .csv/.parquet/.jsonl table (``path``, ``caption``, metadata), or of
+a folder of Parquet shards read in name order (:func:`~mm_retrieval.tables.parquet_shards`): a
+shard that can't be read goes to :attr:`~Source.problems` with its path, the others are listed.
 
 A row without a path (an empty ``path`` cell) but with text becomes a text-only item: it gets a
 text vector and no image, so image queries can find it through its text.
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...registry import register
-from ...tables import json_safe, read_table, resolve_path
+from ...tables import json_safe, parquet_shards, read_table, resolve_path
 from ...types import Record
 from ..base import Source
 
@@ -33,8 +35,23 @@ class TableSource(Source):
 
     def records(self) -> Iterator[Record]:
         table = Path(self.config.path).expanduser().resolve()
-        df = read_table(table)
         self._problems = []  # this run's
+        if not table.is_dir():
+            yield from self._rows(table, read_table(table))
+            return
+        shards = parquet_shards(table)
+        if not shards:
+            raise InputError(f"table folder {table} holds no .parquet shards; pass a folder of images, a table file, or a folder of .parquet files")
+        for shard in shards:
+            try:
+                df = read_table(shard)
+            except InputError as e:  # one bad shard: reported by its path, the others still indexed
+                self._problem(str(shard), f"unreadable table shard: {e}")
+                continue
+            yield from self._rows(shard, df)
+
+    def _rows(self, table: Path, df) -> Iterator[Record]:
+        """The records of one table (file or shard) ``table``, read into ``df``."""
         cap = self.config.caption_column
         text_cols = list(self.config.text_columns) or ([cap] if cap in df.columns else [])
         unknown = [c for c in text_cols if c not in df.columns]

@@ -27,11 +27,16 @@ from ..base import Store, batched
 log = logging.getLogger(__name__)
 
 ENCODER_PROPERTY = "mmr.encoder"
-SCHEMA_VERSION = "2"  # 2: a text vector beside the image vector
+SCHEMA_VERSION = "3"  # 2: a text vector beside the image vector; 3: media fields (video segments)
 MAX_PATH = 4096
 MAX_TEXT = 65535
 ROW_FIELDS = ["id", "path", "content_hash", "caption", "metadata", "file_size", "mtime_ns", "has_image", "has_text"]
 HIT_FIELDS = ["path", "caption", "metadata", "has_image", "has_text"]
+# Schema 3: every row belongs to a media item. An image is its own (media_id == id, the rest 0); a
+# video segment's media_id is the video's item id, start/end its seconds, frame the time of the
+# frame whose vector it holds, segments how many segments the video has (a re-run recognises a
+# video whose rows are incomplete).
+MEDIA_FIELDS = ["media_id", "start", "end", "frame", "segments"]
 # Which vector field a search mode reads, and which rows it considers: items without an image (or
 # without text) hold a zero vector there, kept out of results by this condition.
 MODE_FIELDS = {"image": ("vector", "has_image == true"), "text": ("text_vector", "has_text == true")}
@@ -218,6 +223,10 @@ class MilvusStore(Store):
         # size + mtime let a re-run skip unchanged files without reading them
         schema.add_field("file_size", DataType.INT64)
         schema.add_field("mtime_ns", DataType.INT64)
+        schema.add_field("media_id", DataType.VARCHAR, max_length=64)  # grouping key (search group_by_media)
+        for name in ("start", "end", "frame"):
+            schema.add_field(name, DataType.FLOAT)
+        schema.add_field("segments", DataType.INT64)
         index = self._milvus.prepare_index_params()
         for vector_field in ("vector", "text_vector"):
             index.add_index(
@@ -260,9 +269,17 @@ class MilvusStore(Store):
 
     # ---- writes ----------------------------------------------------------------------------
     def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert or replace rows (``ROW_FIELDS`` + ``vector``), in batches."""
+        """Insert or replace rows (``ROW_FIELDS`` + ``vector``, and on a schema-3 collection the
+        media fields), in batches of ``insert_batch`` rows. A segment row on an older collection
+        is an InputError naming the fix."""
+        media = self.has_media_fields()
+        if not media and any(r.get("media_id") not in (None, r["id"]) for r in rows):
+            raise InputError(
+                f"collection {self.name!r} was created before videos could be indexed (it has no media fields), so video "
+                "segments can't be stored in it: index the videos into a new --collection (images keep working in this one)"
+            )
         for chunk in batched(rows, self.config.insert_batch):
-            self._call("upsert", self._milvus.upsert, self.name, [_clean_row(r) for r in chunk])
+            self._call("upsert", self._milvus.upsert, self.name, [_clean_row(r, media) for r in chunk])
 
     def delete(self, ids: Iterable[str]) -> None:
         """Remove the rows with these ids, in batches; unknown ids are ignored."""
@@ -329,13 +346,31 @@ class MilvusStore(Store):
     def has_text_vectors(self) -> bool:
         """Whether this collection has a text vector field (collections from schema 1 don't).
         The schema is read once per store object (searches ask on every query)."""
-        if getattr(self, "_fields", None) is not None:
-            return "text_vector" in self._fields
+        return "text_vector" in self._schema_fields()
+
+    def has_media_fields(self) -> bool:
+        """Whether rows carry media fields (schema 3): video segments can be stored and
+        searches grouped by media item. A missing collection: True (it would be created so)."""
         if not self.exists():
-            return False
+            return True
+        return "media_id" in self._schema_fields()
+
+    def _schema_fields(self) -> set[str]:
+        if getattr(self, "_fields", None) is not None:
+            return self._fields
+        if not self.exists():
+            return set()
         desc = self._call("describe_collection", self._milvus.describe_collection, self.name)
         self._fields = {f["name"] for f in desc.get("fields", [])}
-        return "text_vector" in self._fields
+        return self._fields
+
+    def _hit_fields(self) -> list[str]:
+        return HIT_FIELDS + (MEDIA_FIELDS[:4] if "media_id" in self._schema_fields() else [])
+
+    def _group(self, group_by_media: bool) -> dict[str, Any]:
+        """Milvus' grouping search (best row per media_id), on collections that have the field;
+        an older one holds images only, each its own media item: nothing to group."""
+        return {"group_by_field": "media_id"} if group_by_media and "media_id" in self._schema_fields() else {}
 
     def query(self, filter: str, fields: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """At most ``limit`` (<= 16384, Milvus' cap) rows matching ``filter``, with ``fields``."""
@@ -350,26 +385,31 @@ class MilvusStore(Store):
         res = self._call("count", self._milvus.query, self.name, filter="has_text == true", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
-    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image") -> list[list[Hit]]:
-        """``mode`` "image" searches image vectors, "text" the items' text vectors."""
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image",
+               group_by_media: bool = False) -> list[list[Hit]]:
+        """``mode`` "image" searches image vectors, "text" the items' text vectors;
+        ``group_by_media``: Milvus' grouping search on ``media_id`` (``limit`` media items, each
+        its best row)."""
         self._wait_for_index()
         field, only = self._mode_field(mode)
         data = np.asarray(vectors, dtype=np.float32)
         params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
         res = self._searching(filter, lambda: self._milvus.search(
-            self.name, data=data.tolist(), limit=limit, filter=_and(only, filter), output_fields=HIT_FIELDS,
-            search_params=params, anns_field=field,
+            self.name, data=data.tolist(), limit=limit, filter=_and(only, filter), output_fields=self._hit_fields(),
+            search_params=params, anns_field=field, **self._group(group_by_media),
         ))
         sign = -1.0 if self.config.metric.upper() == "L2" else 1.0  # L2: smaller is closer
         return [[_hit(r, sign * float(r["distance"]), i) for i, r in enumerate(hits)] for hits in res]
 
     def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
-                      weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60, images_only: bool = False) -> list[Hit]:
+                      weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60, images_only: bool = False,
+                      group_by_media: bool = False) -> list[Hit]:
         """One query vector against image and text vectors, fused by Milvus' own RRF or weighted
         ranker. Each hit's ``image_score`` is its image-vector similarity (what a reranker builds
         on) and ``text_score`` its text-vector similarity (None without text), so a reranked image
         leg can be fused with the text leg again (:mod:`mm_retrieval.stages.fusion`).
-        ``images_only`` keeps text-only items out (for reranking, which needs images)."""
+        ``images_only`` keeps text-only items out (for reranking, which needs images);
+        ``group_by_media`` keeps each media item's best fused row (Milvus' grouping on ``media_id``)."""
         from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
 
         self._wait_for_index()
@@ -390,7 +430,8 @@ class MilvusStore(Store):
         else:
             raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
         res = self._searching(filter, lambda: self._milvus.hybrid_search(
-            self.name, requests, ranker=fuse, limit=limit, output_fields=[*HIT_FIELDS, "vector", "text_vector"],
+            self.name, requests, ranker=fuse, limit=limit, output_fields=[*self._hit_fields(), "vector", "text_vector"],
+            **self._group(group_by_media),
         ))[0]
         hits = []
         for i, r in enumerate(res):
@@ -463,16 +504,24 @@ def _and(*conditions: str) -> str:
 
 def _hit(r: dict[str, Any], score: float, i: int) -> Hit:
     e = r["entity"]
-    return Hit(
+    hit = Hit(
         id=str(r["id"]), path=e.get("path", ""), score=score, retrieval_score=score, caption=e.get("caption") or None,
         metadata=e.get("metadata") or {}, rank=i + 1, has_image=e.get("has_image", True),
     )
+    media = e.get("media_id")
+    if media and media != hit.id:  # a video segment
+        hit.video_id, hit.start, hit.end, hit.frame = media, float(e["start"]), float(e["end"]), float(e["frame"])
+    return hit
 
 
-def _clean_row(r: dict[str, Any]) -> dict[str, Any]:
+def _clean_row(r: dict[str, Any], media: bool = True) -> dict[str, Any]:
     vector = np.asarray(r["vector"], dtype=np.float32)
     text_vector = r.get("text_vector")
-    return {
+    fields = {}
+    if media:  # an image is its own media item
+        fields = {"media_id": r.get("media_id") or r["id"], "start": float(r.get("start") or 0.0), "end": float(r.get("end") or 0.0),
+                  "frame": float(r.get("frame") or 0.0), "segments": int(r.get("segments") or 0)}
+    return {**fields,
         "id": r["id"],
         "vector": vector.tolist(),
         # no text: a zero vector, never returned (text searches only consider has_text rows)
