@@ -111,9 +111,40 @@ class BodyLimit:
         await err.response(family_of(scope.get("path", "")))(scope, receive, send)
 
 
+VIDEO_PREFIX = "/video/"
+VIDEO_LINK_SECONDS = 6 * 3600  # how long a signed video link plays (a long film, paused, resumed)
+
+
+def video_signature(api_key: str, item_id: str, expires: int) -> str:
+    """The signature of a link to ``GET /video/{item_id}?expires=..&sig=..``: an HMAC of the id
+    and the expiry time under the API key. A ``<video>`` element cannot send the key, so the
+    page asks for a signed link (``GET /video-link/{id}``, with the key) and streams from it with
+    range requests; the link opens that one video only, until it expires."""
+    return hmac.new(api_key.encode(), f"video:{item_id}:{expires}".encode(), "sha256").hexdigest()
+
+
+def _signed_video(scope, api_key: bytes) -> bool:
+    """Whether the request is a GET/HEAD of a video with a valid, unexpired signed link."""
+    from urllib.parse import parse_qs
+
+    path = scope.get("path", "")
+    if scope.get("method") not in ("GET", "HEAD") or not path.startswith(VIDEO_PREFIX):
+        return False
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    try:
+        expires, sig = int(query["expires"][0]), query["sig"][0]
+    except (KeyError, ValueError, IndexError):
+        return False
+    if expires < time.time():
+        return False
+    want = video_signature(api_key.decode(), path[len(VIDEO_PREFIX):], expires)
+    return hmac.compare_digest(want.encode(), sig.encode("latin-1", "replace"))
+
+
 class ApiKeyAuth:
     """When a key is set, require it as ``Authorization: Bearer KEY`` (what the Cohere, TEI and
-    vLLM clients send) or ``X-API-Key: KEY``. Compared in constant time."""
+    vLLM clients send) or ``X-API-Key: KEY``. Compared in constant time. ``GET /video/{id}``
+    also accepts a signed link instead (:func:`video_signature`)."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
@@ -122,6 +153,8 @@ class ApiKeyAuth:
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] != "http" or self.expected is None or path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/"):
+            return await self.app(scope, receive, send)
+        if _signed_video(scope, self.expected):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-api-key")

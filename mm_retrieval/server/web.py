@@ -6,7 +6,8 @@ JSON/image routes it uses beside ``POST /search``.
 * ``GET /thumb/{id}``, ``GET /image/{id}`` -- an indexed item's image, resized JPEG (a video segment's:
   its representative frame; see :mod:`.media`);
 * ``GET|HEAD /video/{id}`` -- an indexed video's file (by a segment's id or the video's), with HTTP
-  range requests (206/416), for the page's ``<video>`` player;
+  range requests (206/416), for the page's ``<video>`` player; with an API key also through a
+  signed link from ``GET /video-link/{id}`` (a ``<video>`` cannot send the key);
 * ``POST /explain`` -- the reranker's attention grids for (query, item), drawn by the page on a canvas.
 
 The page and its static files need no API key (they hold no data); everything they fetch does.
@@ -121,11 +122,32 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
 
     app.head("/video/{item_id}", include_in_schema=False)(video)  # the same answer without a body (one operation in the docs)
 
+    @app.get("/video-link/{item_id}", tags=["web"], response_model=VideoLink)
+    async def video_link(item_id: str) -> dict:
+        """A link to ``GET /video/{item_id}`` that plays without the API key, for a ``<video>``
+        element (which cannot send it): signed with the key, for this video only, expiring after
+        a few hours. Without a key the plain path (nothing to sign)."""
+        import time
+
+        from .middleware import VIDEO_LINK_SECONDS, video_signature
+
+        await run_in_threadpool(engine.media.locate_video, item_id)  # 404/403 as /video would
+        key = engine.config.api_key
+        if not key:
+            return {"url": f"video/{item_id}", "expires": None}
+        expires = int(time.time()) + VIDEO_LINK_SECONDS
+        return {"url": f"video/{item_id}?expires={expires}&sig={video_signature(key, item_id, expires)}", "expires": expires}
+
     @app.post("/explain", tags=["web"], response_model=ExplainResponse)
     async def explain(req: ExplainRequest) -> dict:
         """The reranker's cross-attention over an indexed image, per query word and per head
         (what ``mmr explain`` draws), as grids for the page to draw."""
         return await engine.explain(req.query, req.id)
+
+
+class VideoLink(BaseModel):
+    url: str = Field(description="Relative URL of the video for a <video> element; with an API key it carries a signature.")
+    expires: Optional[int] = Field(description="When a signed link stops working (Unix seconds); null without an API key.")
 
 
 def _image_response(r: Rendered, request: Request) -> Response:

@@ -256,11 +256,36 @@ def test_the_card_shows_the_moment_and_the_player_starts_there(browser, video_se
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_with_an_api_key_the_player_fetches_the_video_with_it(browser, videos):
+def test_with_an_api_key_the_player_streams_from_a_signed_link(browser, videos):
     last = videos.moments[-1]
     with serve_demo(None, ServerConfig(api_key=KEY), demo=videos.demo, rerank=False) as (server, _):
         _search_moments(browser, server, key=KEY)
-        assert _play(browser, last).startswith("blob:")  # fetched with the key
+        src = _play(browser, last)
+        assert src.startswith(f"video/{last['id']}?expires=") and "&sig=" in src  # streamed, not fetched whole
+
+
+def test_signed_video_links_open_that_video_only_until_they_expire(videos):
+    import time
+
+    import httpx
+
+    from mm_retrieval.server.middleware import video_signature
+
+    first, last = videos.moments[0], videos.moments[-1]
+    with serve_demo(None, ServerConfig(api_key=KEY), demo=videos.demo, rerank=False) as (server, _):
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get(f"/video-link/{last['id']}").status_code == 401  # issuing one needs the key
+            link = http.get(f"/video-link/{last['id']}", headers={"X-API-Key": KEY}).json()
+            assert link["expires"] > time.time() + 3600
+            ranged = http.get("/" + link["url"], headers={"Range": "bytes=0-99"})
+            assert ranged.status_code == 206 and len(ranged.content) == 100  # no key: the signature lets it through
+            other = link["url"].replace(last["id"], first["id"])
+            assert http.get("/" + other).status_code == 401  # signed for one video
+            assert http.get(f"/video/{last['id']}").status_code == 401  # unsigned
+            past = int(time.time()) - 1
+            expired = f"/video/{last['id']}?expires={past}&sig={video_signature(KEY, last['id'], past)}"
+            assert http.get(expired).status_code == 401
+            assert http.get(f"/video-link/{'0' * 32}", headers={"X-API-Key": KEY}).status_code == 404
 
 
 def _search_moments(browser, server, key: str | None = None) -> None:

@@ -16,7 +16,6 @@ const state = {
   page: 1,
   seq: 0,              // newest search wins when answers arrive out of order
   detail: null,        // {hit, query, explanation, word, head, image}
-  videoUrl: null,      // an object URL of a video fetched with the API key (revoked on close)
 };
 
 class ApiError extends Error {
@@ -433,11 +432,9 @@ function closeDetail() {
 }
 
 // ---- video moments -----------------------------------------------------------------------
-const MAX_KEYED_VIDEO_BYTES = 512 * 1048576;  // with an API key a video is fetched whole, into memory
-
 // The player streams video/ID (range requests: it fetches only what it plays) and starts at the
-// moment's `start`. A <video src> can't send the API key, so with a key the file is fetched whole
-// (with the key) and played from memory.
+// moment's `start`. A <video src> can't send the API key, so with a key it streams from a link the
+// server signed for that video (GET video-link/ID).
 async function showPlayer(hit, d) {
   const player = $("player");
   stopPlayer();
@@ -456,22 +453,14 @@ async function showPlayer(hit, d) {
     player.play().catch(() => { /* autoplay refused: the controls are there */ });
   };
   let src = `video/${hit.id}`;
-  if (state.key) {
+  if (state.key) {  // a <video> can't send the key: the server signs a link to this one video
     try {
-      const size = Number((await api(src, { method: "HEAD" })).headers.get("content-length"));
-      if (size > MAX_KEYED_VIDEO_BYTES) {
-        if (state.detail === d) $("player-note").textContent = `This video is ${(size / 1048576).toFixed(0)} MiB: too large to fetch whole ` +
-          "with the API key (a <video> element cannot send it). Open the page on a server without --api-key to stream it.";
-        return;
-      }
-      if (state.detail !== d) return;
-      const blob = await (await api(src)).blob();
-      if (state.detail !== d) return;  // another item's view opened meanwhile: it owns the player
-      state.videoUrl = src = URL.createObjectURL(blob);
+      src = (await (await api(`video-link/${hit.id}`)).json()).url;
     } catch (e) {
       if (state.detail === d) $("player-note").textContent = `Video unavailable: ${e.message}`;
       return;
     }
+    if (state.detail !== d) return;  // another item's view opened meanwhile: it owns the player
   }
   player.src = src;
 }
@@ -481,7 +470,6 @@ function stopPlayer() {
   player.onloadedmetadata = player.onseeked = null;
   player.pause();
   if (player.getAttribute("src")) { player.removeAttribute("src"); player.load(); }  // stops the download
-  if (state.videoUrl) { URL.revokeObjectURL(state.videoUrl); state.videoUrl = null; }
 }
 
 // The map to show: one word's (or the mean over words), averaged over heads or from one head.

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -394,10 +394,11 @@ class MilvusStore(Store):
         field, only = self._mode_field(mode)
         data = np.asarray(vectors, dtype=np.float32)
         params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
-        res = self._searching(filter, lambda: self._milvus.search(
-            self.name, data=data.tolist(), limit=limit, filter=_and(only, filter), output_fields=self._hit_fields(),
-            search_params=params, anns_field=field, **self._group(group_by_media),
-        ))
+        group = self._group(group_by_media)
+        res = self._grouped(bool(group), limit, lambda n: self._searching(filter, lambda: self._milvus.search(
+            self.name, data=data.tolist(), limit=n, filter=_and(only, filter), output_fields=self._hit_fields(),
+            search_params=params, anns_field=field, **group,
+        )))
         sign = -1.0 if self.config.metric.upper() == "L2" else 1.0  # L2: smaller is closer
         return [[_hit(r, sign * float(r["distance"]), i) for i, r in enumerate(hits)] for hits in res]
 
@@ -418,21 +419,23 @@ class MilvusStore(Store):
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         params = {"metric_type": self.config.metric, "params": dict(self.config.search_params)}
         image_only = "has_image == true"
-        requests = [
-            AnnSearchRequest(data=[q.tolist()], anns_field="vector", param=params, limit=limit, expr=_and(image_only, filter)),
-            AnnSearchRequest(data=[q.tolist()], anns_field="text_vector", param=params, limit=limit,
-                             expr=_and("has_text == true" + (" and has_image == true" if images_only else ""), filter)),
-        ]
+        def requests(n: int) -> list[Any]:
+            return [
+                AnnSearchRequest(data=[q.tolist()], anns_field="vector", param=params, limit=n, expr=_and(image_only, filter)),
+                AnnSearchRequest(data=[q.tolist()], anns_field="text_vector", param=params, limit=n,
+                                 expr=_and("has_text == true" + (" and has_image == true" if images_only else ""), filter)),
+            ]
+
         if ranker == "rrf":
             fuse = RRFRanker(rrf_k)
         elif ranker == "weighted":
             fuse = WeightedRanker(*weights)
         else:
             raise InputError(f"unknown hybrid ranker {ranker!r}; use rrf or weighted")
-        res = self._searching(filter, lambda: self._milvus.hybrid_search(
-            self.name, requests, ranker=fuse, limit=limit, output_fields=[*self._hit_fields(), "vector", "text_vector"],
-            **self._group(group_by_media),
-        ))[0]
+        group = self._group(group_by_media)
+        res = self._grouped(bool(group), limit, lambda n: self._searching(filter, lambda: self._milvus.hybrid_search(
+            self.name, requests(n), ranker=fuse, limit=n, output_fields=[*self._hit_fields(), "vector", "text_vector"], **group,
+        )))[0]
         hits = []
         for i, r in enumerate(res):
             hit, e = _hit(r, float(r["distance"]), i), r["entity"]
@@ -442,6 +445,26 @@ class MilvusStore(Store):
                 hit.text_score = float(np.dot(np.asarray(e["text_vector"], dtype=np.float32), q))
             hits.append(hit)
         return hits
+
+    GROUP_LIMIT = 16384  # Milvus' cap on a search's limit
+
+    def _grouped(self, grouping: bool, limit: int, run: Callable[[int], Any]) -> Any:
+        """``run(limit)`` (a search returning one list of hits per query), for a grouping search
+        until each query has ``limit`` groups: Milvus groups a bounded pool of top rows, so when a
+        few videos fill that pool it returns fewer groups than asked (measured: 5 of 10 asked, where
+        asking for 20 gave 20). Then the limit is doubled until every query has ``limit`` groups or
+        the collection has no more, and the first ``limit`` of each are kept."""
+        res = run(limit)
+        if not grouping:
+            return res
+        n = limit
+        while n < self.GROUP_LIMIT and any(len(hits) < limit for hits in res):
+            before = [len(hits) for hits in res]
+            n = min(n * 2, self.GROUP_LIMIT)
+            res = run(n)
+            if [len(hits) for hits in res] == before:  # nothing more to find
+                break
+        return [list(hits)[:limit] for hits in res]
 
     def _mode_field(self, mode: str) -> tuple[str, str]:
         if mode not in MODE_FIELDS:
