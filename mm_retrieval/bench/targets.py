@@ -28,7 +28,18 @@ def judge(suites: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, str
         _h100(suites.get("rerank"), suites.get("blip"), machine),
         _cache(suites.get("rerank"), suites.get("quality")),
         _quality(suites.get("quality")),
+        _ray(suites.get("scale")),
     ]
+
+
+def _ray(scale: dict[str, Any] | None) -> dict[str, str]:
+    what, target = "--ray with 2 actors vs single process (same machine)", ">= 0.9 (Ray overhead only)"
+    if not scale:
+        return _row(what, target, NOT_RUN, "")
+    r = scale["ratios"]["ray_2_vs_single"]
+    text = (f"{r['ratio']:.2f} ({r['value']:.0f} vs {r['against_value']:.0f} img/s steady, {scale['model']}, "
+            f"{scale['device']}, {scale['cpus']} CPUs; wall-clock ratio {r['wall_ratio']:.2f})")
+    return _row(what, target, MET if r["ratio"] >= 0.9 else NOT_MET, text)
 
 
 def _indexing(enc: dict[str, Any] | None) -> dict[str, str]:

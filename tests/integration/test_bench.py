@@ -31,7 +31,7 @@ def check_common(doc, suite):
     assert set(doc["suites"]) == {suite}
     m = doc["machine"]
     assert m["nproc"] >= 1 and m["cpu"] and m["torch"] and m["device"] == "cpu"
-    assert len(doc["targets"]) == 8
+    assert len(doc["targets"]) == 9
     for t in doc["targets"]:
         assert set(t) == {"what", "target", "status", "measured"} and t["status"] in TARGET_STATUSES
     for where, x in numbers(doc):

@@ -76,7 +76,7 @@ def test_bench_blip_quick(tmp_path, capsys):
     check_blip_section(b)
     assert b["first_stage"].startswith("open_clip mmr-tiny")  # open_clip is installed here: the product's encoder
     targets = {t["what"].split(":")[0]: t for t in doc["targets"]}
-    assert len(doc["targets"]) == 8
+    assert len(doc["targets"]) == 9
     assert targets["BLIP ITM"]["status"] == "not run" and "quick" in targets["BLIP ITM"]["measured"]
     storage = targets["BLIP ITM cached tokens"]
     assert storage["status"] == "not measurable here" and "random weights" in storage["measured"]
