@@ -124,19 +124,10 @@ def sample_frames(path: str | Path, transform: Callable[[Any], Any], cfg: VideoC
     duration holds more than ``max_frames``; for an unknown duration, every second kept frame is
     dropped whenever the budget fills), each downscaled and passed through ``transform`` (PIL
     image -> tensor). Raises DecodeError for anything that is not a usable video."""
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - av is a core dependency
-        raise DecodeError("cannot decode video: PyAV is not installed (pip install av)") from e
-    av.logging.set_level(None)  # FFmpeg's own complaints go to our reasons, not stderr
-    try:
-        container = av.open(str(path), mode="r", metadata_errors="ignore")
-    except av.FFmpegError as e:
-        raise DecodeError(f"not a video, or corrupt/truncated: {_reason(e)}") from None
+    container = _open_video(path)
+    import av  # (present: _open_video checked)
+
     with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams})
-            raise DecodeError(f"no video stream ({'only ' + ', '.join(kinds) if kinds else 'no streams'})")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         w, h = stream.codec_context.width, stream.codec_context.height
@@ -194,6 +185,24 @@ def sample_frames(path: str | Path, transform: Callable[[Any], Any], cfg: VideoC
         return SampledVideo(times=times, frames=frames, duration=float(end), interval=interval, truncated=truncated)
 
 
+def _open_video(path: str | Path) -> Any:
+    """The PyAV container of ``path``, which holds a video stream; DecodeError otherwise."""
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is a core dependency
+        raise DecodeError("cannot decode video: PyAV is not installed (pip install av)") from e
+    av.logging.set_level(None)  # FFmpeg's own complaints go to our reasons, not stderr
+    try:
+        container = av.open(str(path), mode="r", metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise DecodeError(f"not a video, or corrupt/truncated: {_reason(e)}") from None
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        container.close()
+        raise DecodeError(f"no video stream ({'only ' + ', '.join(kinds) if kinds else 'no streams'})")
+    return container
+
+
 def frame_at(path: str | Path, seconds: float, *, side: int | None = None, max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> Any:
     """The RGB PIL image of the frame shown at ``seconds`` into the video at ``path`` (a segment's
     ``frame``: what its vector was computed from), shorter side at most ``side`` pixels. Seeks
@@ -201,15 +210,9 @@ def frame_at(path: str | Path, seconds: float, *, side: int | None = None, max_b
     DecodeError for an unusable file or a time past the last frame."""
     import av
 
-    av.logging.set_level(None)
     os.close(open_regular(path, max_bytes))  # a regular file of bounded size, as when indexed
-    try:
-        container = av.open(str(path), mode="r", metadata_errors="ignore")
-    except av.FFmpegError as e:
-        raise DecodeError(f"not a video, or corrupt/truncated: {_reason(e)}") from None
+    container = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise DecodeError("no video stream")
         stream = container.streams.video[0]
         origin = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
         try:
