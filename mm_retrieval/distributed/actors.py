@@ -75,7 +75,7 @@ class EncoderActor:
 
     def __init__(self, encoder_spec: dict[str, Any], side_spec: dict[str, Any] | None, known_ids: Any,
                  with_tokens: bool, threads: int, decode_threads: int = 0, env: dict[str, str] | None = None):
-        """``known_ids``: [a Ray object ref to the frozenset of ids already indexed] (hashed, not
+        """``known_ids``: a Ray object ref to the frozenset of ids already indexed (hashed, not
         decoded); ``threads``: torch threads on a CPU actor (0: leave them); ``decode_threads``:
         threads reading and decoding a batch's files (a GPU actor; 0: one after the other);
         ``env``: the driver's variables this actor needs (set before any model code is imported;
@@ -114,7 +114,7 @@ class EncoderActor:
             self.side = build_stage("reranker", side_spec).image_side()
             self.label = self.encoder.label
         self.transform = self.encoder.image_transform if self.side is None else Transforms(self.encoder.image_transform, self.side.transform)
-        self.known_ids = known_ids if isinstance(known_ids, frozenset) else ray.get(known_ids[0])
+        self.known_ids = known_ids if isinstance(known_ids, frozenset) else ray.get(known_ids)
         self.with_tokens = with_tokens and self.side is None
         self.max_pixels = int(getattr(self.encoder.config, "max_pixels", DEFAULT_MAX_PIXELS))
 

@@ -121,11 +121,9 @@ class RayEncodeBatches:
             compute=ActorPoolStrategy(size=min(self.actors, len(blocks))),
             num_cpus=self.cpus_per_actor,
             num_gpus=1 if self.use_gpu else None,
-            # known_ids travels as a ref inside a list: a ref as a direct constructor argument makes Ray
-        # warn on every run that a restarted actor could lose it (the driver holds it for the run)
-        fn_constructor_kwargs={
+            fn_constructor_kwargs={
                 "encoder_spec": self.encoder_spec, "side_spec": self.side_spec if image_side is not None else None,
-                "known_ids": [ray.put(known_ids)], "with_tokens": with_tokens,
+                "known_ids": ray.put(known_ids), "with_tokens": with_tokens,
                 "threads": 0 if self.use_gpu else int(self.cpus_per_actor), "decode_threads": self.decode_threads, "env": env,
             },
             udf_modifying_row_count=False,

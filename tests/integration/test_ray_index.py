@@ -260,3 +260,29 @@ def test_blip_image_side_tokens_on_ray_equal_single_process(ray_instance, data, 
     assert sorted(a["tokens"][name]) == sorted(b["tokens"][name]) == a["ids"]
     for i, arr in a["tokens"][name].items():
         assert np.allclose(arr.astype(np.float32), b["tokens"][name][i].astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_videos_beside_images_on_ray_equal_the_single_process_run(ray_instance, milvus_server, tmp_path):
+    """Images go to the actors, videos stay in the driver (a video's segments land in one write):
+    the collection is the single-process run's, segment rows included."""
+    from mm_retrieval.testing.videos import make_video
+
+    folder = tmp_path / "media"
+    for i, (name, rgb) in enumerate(list(COLORS.items())[:3]):
+        make_image(folder / f"{name}.png", rgb, seed=i)
+    make_video(folder / "clip.mp4", [("red", 3), ("blue", 3)])
+    single, on_ray = _pipe(milvus_server, "media_single"), _pipe(milvus_server, "media_ray")
+    expected = single.index(folder, progress=False).to_dict()
+    got = on_ray.index(folder, progress=False, ray="local", ray_actors=1).to_dict()
+    for doc in (expected, got):
+        doc.pop("seconds"), doc.pop("ray", None)
+    assert got == expected and got["video"]["indexed_videos"] == 1 and got["video"]["segments"] >= 1
+    a, b = _snapshot(single), _snapshot(on_ray)
+    assert a["ids"] == b["ids"] and len(a["ids"]) == 3 + got["video"]["segments"]
+    fields = ["id", "media_id", "start", "end", "frame", "segments"]
+    assert sorted(map(sorted, (r.items() for r in single.store.get(a["ids"], fields)))) == sorted(
+        map(sorted, (r.items() for r in on_ray.store.get(b["ids"], fields))))
+    for i in a["ids"]:
+        np.testing.assert_allclose(a["rows"][i]["vector"], b["rows"][i]["vector"], atol=1e-5)
+    assert on_ray.index(folder, progress=False, ray="local", ray_actors=1).indexed == 0
