@@ -285,4 +285,3 @@ def test_videos_beside_images_on_ray_equal_the_single_process_run(ray_instance, 
         map(sorted, (r.items() for r in on_ray.store.get(b["ids"], fields))))
     for i in a["ids"]:
         np.testing.assert_allclose(a["rows"][i]["vector"], b["rows"][i]["vector"], atol=1e-5)
-    assert on_ray.index(folder, progress=False, ray="local", ray_actors=1).indexed == 0
