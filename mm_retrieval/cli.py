@@ -138,7 +138,7 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
-@click.argument("source", type=click.Path(exists=False))
+@click.argument("source", type=click.Path(exists=False), required=False, metavar="SOURCE")  # required: index() says so
 @common_options
 @click.option("--batch-size", type=int, help="Images per forward pass (default 64).")
 @click.option("--workers", type=int, help="Decoding processes (default 2).")
@@ -168,6 +168,10 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     """
     bulk = _pop_bulk(kwargs)
     ray_address, ray_actors = kwargs.pop("ray_address"), kwargs.pop("ray_actors")
+    if source is None:  # `mmr index --ray photos/`: --ray took the folder as its address
+        took = f" (--ray took {ray_address!r} as its Ray address: put --ray after SOURCE, or write --ray=ADDRESS)" \
+            if ray_address not in (None, "local") and os.path.exists(ray_address) else ""
+        raise click.UsageError(f"Missing argument 'SOURCE'{took}.")
     opts = _pop_common(kwargs)
     video = _pop_video(kwargs)
     pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens, video=video)

@@ -213,6 +213,10 @@ def test_without_ray_one_message_names_the_extra(monkeypatch, capsys, data, tmp_
     assert not (tmp_path / "mmr.db").exists()
     assert main(["index", str(data["folder"]), "--db", str(tmp_path / "mmr.db"), "--ray", "--ray-actors", "0"]) == 2
     assert "--ray-actors must be at least 1" in capsys.readouterr().err
+    assert main(["index", "--ray", str(data["folder"]), "--db", str(tmp_path / "mmr.db")]) == 2  # the folder became the address
+    assert "--ray took" in capsys.readouterr().err and not (tmp_path / "mmr.db").exists()
+    assert main(["index", "--db", str(tmp_path / "mmr.db")]) == 2
+    assert "Missing argument 'SOURCE'." in capsys.readouterr().err
 
 
 def test_a_folder_of_parquet_shards_is_a_table_and_a_bad_shard_is_reported(tmp_path):
