@@ -116,6 +116,33 @@ def video_options(fn: Callable) -> Callable:
     return fn
 
 
+def ray_options(fn: Callable) -> Callable:
+    """--ray [ADDRESS] and --ray-actors (index and sync; README "Past one machine: Ray")."""
+    options = [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                     help="Decode and encode on a pool of Ray actors (pip install \"mm-retrieval[ray]\"). Alone: a local Ray instance; "
+                          "'auto', ray://HOST:10001 or HOST:6379: join that cluster (every node must see SOURCE's files). Writes still "
+                          "go through this process only, which is how a Milvus Lite --db file works with it. Put --ray after SOURCE, "
+                          "or write --ray=ADDRESS."),
+        click.option("--ray-actors", type=int, help="Encoder actors with --ray, each loading the model once (default: one per GPU in the "
+                                                     "cluster, one GPU each; without GPUs one per 4 CPUs, at least 1)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _pop_ray(kwargs: dict[str, Any], source: str | None) -> tuple[str | None, int | None]:
+    """(--ray, --ray-actors); SOURCE is required, and when it is missing because ``--ray SOURCE``
+    made SOURCE the address, the error says so."""
+    ray_address, ray_actors = kwargs.pop("ray_address"), kwargs.pop("ray_actors")
+    if source is None:
+        took = f" (--ray took {ray_address!r} as its Ray address: put --ray after SOURCE, or write --ray=ADDRESS)" \
+            if ray_address not in (None, "local") and os.path.exists(ray_address) else ""
+        raise click.UsageError(f"Missing argument 'SOURCE'{took}.")
+    return ray_address, ray_actors
+
+
 def _pop_video(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"fps": kwargs.pop("video_fps"), "max_seconds": kwargs.pop("video_max_seconds"),
             "max_segments": kwargs.pop("video_max_segments")}
@@ -148,13 +175,7 @@ def cli(verbose: int) -> None:
 @click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @bulk_options
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Decode and encode on a pool of Ray actors (pip install \"mm-retrieval[ray]\"). Alone: a local Ray instance; "
-                   "'auto', ray://HOST:10001 or HOST:6379: join that cluster (every node must see SOURCE's files). Writes still "
-                   "go through this process only, which is how a Milvus Lite --db file works with it. Put --ray after SOURCE, "
-                   "or write --ray=ADDRESS.")
-@click.option("--ray-actors", type=int, help="Encoder actors with --ray, each loading the model once (default: one per GPU in the "
-                                              "cluster, one GPU each; without GPUs one per 4 CPUs, at least 1).")
+@ray_options
 @video_options
 def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None,
           text_columns: str | None, tokens: bool, progress: bool | None, **kwargs: Any) -> None:
@@ -167,11 +188,7 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     process also with --ray; see --video-* for their bounds.
     """
     bulk = _pop_bulk(kwargs)
-    ray_address, ray_actors = kwargs.pop("ray_address"), kwargs.pop("ray_actors")
-    if source is None:  # `mmr index --ray photos/`: --ray took the folder as its address
-        took = f" (--ray took {ray_address!r} as its Ray address: put --ray after SOURCE, or write --ray=ADDRESS)" \
-            if ray_address not in (None, "local") and os.path.exists(ray_address) else ""
-        raise click.UsageError(f"Missing argument 'SOURCE'{took}.")
+    ray_address, ray_actors = _pop_ray(kwargs, source)
     opts = _pop_common(kwargs)
     video = _pop_video(kwargs)
     pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens, video=video)
@@ -201,21 +218,24 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
 
 
 @cli.command()
-@click.argument("source", type=click.Path())
+@click.argument("source", type=click.Path(), required=False, metavar="SOURCE")  # required: _pop_ray says so
 @common_options
 @click.option("--dry-run", is_flag=True, help="Only show what would be added, re-checked and removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (or plan) as JSON on stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@ray_options
 @video_options
 def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
     """Bring the collection in step with SOURCE: add new files, replace changed ones, remove gone ones.
 
     Entries under SOURCE's folder (a table's folder, for a table) whose file is no longer listed
-    are removed with their cached tokens; entries elsewhere are left alone.
+    are removed with their cached tokens; entries elsewhere are left alone. With --ray the new and
+    changed images are decoded and encoded on Ray actors, as for `mmr index --ray`.
     """
+    ray_address, ray_actors = _pop_ray(kwargs, source)
     video = _pop_video(kwargs)
     pipe = _pipeline(_pop_common(kwargs), video=video)
-    report = pipe.sync(source, dry_run=dry_run, progress=progress)
+    report = pipe.sync(source, dry_run=dry_run, progress=progress, ray=ray_address, ray_actors=ray_actors)
     if as_json:
         _emit_json(report.to_dict())
         return

@@ -207,16 +207,8 @@ class Pipeline:
         ``ray``: decode and encode on a pool of Ray actors (:mod:`.distributed`; "" or "local" starts
         a local Ray instance, "auto" or "ray://host:port" joins a cluster), ``ray_actors`` of them;
         every write still goes through this process. The report then has a ``ray`` section."""
-        if ray_actors is not None and ray is None:
-            raise InputError("--ray-actors applies to runs on Ray; add --ray [ADDRESS]")
-        if ray_actors is not None and ray_actors < 1:
-            raise InputError(f"--ray-actors must be at least 1, got {ray_actors}")
         src = open_source(source, text_columns=text_columns)
-        cluster = None
-        if ray is not None:  # an unreachable address fails here, before anything is written
-            from .distributed import connect
-
-            cluster = connect(ray)
+        cluster = _connect_ray(ray, ray_actors)
         try:
             return self._index(src, progress=progress, on_progress=on_progress, bulk_import=bulk_import,
                                cluster=cluster, ray_actors=ray_actors)
@@ -232,18 +224,7 @@ class Pipeline:
         self.encoder.warm_up()  # a model that can't load fails before a token cache file is created
         existed = self.store.exists()
         try:
-            extra: dict[str, Any] = {}
-            if cluster is not None:  # the actors rebuild the encoder (and a reranker's image side) from their specs
-                from .distributed import RayEncodeBatches, stage_spec
-
-                lite = getattr(self.store, "local_path", None)
-                if lite is not None:  # said, not refused: one writer is what Milvus Lite needs
-                    log.warning("--ray with the Milvus Lite file %s: the Ray actors only decode and encode; this process "
-                                "writes every batch (Milvus Lite admits one process)", lite)
-
-                side = self.image_side()
-                extra["encode_batches"] = RayEncodeBatches(cluster, self.encoder, actors=ray_actors,
-                                                           side_spec=None if side is None else stage_spec(self.reranker))
+            extra = self._on_ray(cluster, ray_actors)
             indexer = Indexer(self.encoder, store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
                               on_progress=on_progress, video=self.video, **extra)
             report = indexer.run(src)
@@ -257,22 +238,46 @@ class Pipeline:
             if not existed and not self.store.exists():  # nothing indexed: leave no token cache behind
                 _remove_cache_dir(self.store.cache_dir())
 
-    def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None) -> IndexReport:
+    def _on_ray(self, cluster: Any, ray_actors: int | None) -> dict[str, Any]:
+        """The Indexer's ``encode_batches`` on ``cluster`` (none: {}, encoding in this process);
+        the actors rebuild the encoder (and a reranker's image side) from their specs."""
+        if cluster is None:
+            return {}
+        from .distributed import RayEncodeBatches, stage_spec
+
+        lite = getattr(self.store, "local_path", None)
+        if lite is not None:  # said, not refused: one writer is what Milvus Lite needs
+            log.warning("--ray with the Milvus Lite file %s: the Ray actors only decode and encode; this process "
+                        "writes every batch (Milvus Lite admits one process)", lite)
+        side = self.image_side()
+        return {"encode_batches": RayEncodeBatches(cluster, self.encoder, actors=ray_actors,
+                                                   side_spec=None if side is None else stage_spec(self.reranker))}
+
+    def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None,
+             ray: str | None = None, ray_actors: int | None = None) -> IndexReport:
         """Bring the collection in step with a folder or table: add new files, replace changed
         ones, and remove entries (and cached tokens) of files under the source's folder (a
         table's folder, for a table) that are no longer listed. ``dry_run``: only report the
-        plan (``report.plan``)."""
+        plan (``report.plan``). ``ray``, ``ray_actors``: as for :meth:`index` (a dry run encodes
+        nothing, so it starts no Ray)."""
         src = open_source(source)
         scope = Path(source).expanduser().resolve()
         if scope.is_file():
             scope = scope.parent
+        cluster = None if dry_run else _connect_ray(ray, ray_actors)
         try:
             tokens = None if dry_run else self.token_writer()  # a dry run creates no cache file
+            extra = self._on_ray(cluster, ray_actors)
             indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress,
-                              video=self.video)
-            return indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
+                              video=self.video, **extra)
+            report = indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
+            if cluster is not None:
+                report.ray = extra["encode_batches"].describe()
+            return report
         finally:
             self._forget_collection()
+            if cluster is not None:
+                cluster.close()
 
     # ---- searching -------------------------------------------------------------------------
     @property
@@ -316,6 +321,20 @@ class Pipeline:
                            candidates=candidates, offset=offset, filter=filter, rerank=rerank, group_by_video=group_by_video)
         return run_search(plan, store=self.store, encoder=self.encoder, reranker=self.reranker if plan.rerank else None,
                           facts=self.collection_facts, text=text, image=image, image_id=image_id)
+
+
+def _connect_ray(ray: str | None, ray_actors: int | None) -> Any:
+    """The Ray cluster a run encodes on (None without ``ray``): an unreachable address fails here,
+    before anything is written."""
+    if ray_actors is not None and ray is None:
+        raise InputError("--ray-actors applies to runs on Ray; add --ray [ADDRESS]")
+    if ray_actors is not None and ray_actors < 1:
+        raise InputError(f"--ray-actors must be at least 1, got {ray_actors}")
+    if ray is None:
+        return None
+    from .distributed import connect
+
+    return connect(ray)
 
 
 def _remove_cache_dir(directory: Path) -> None:

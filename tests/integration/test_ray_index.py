@@ -289,3 +289,31 @@ def test_videos_beside_images_on_ray_equal_the_single_process_run(ray_instance, 
         map(sorted, (r.items() for r in on_ray.store.get(b["ids"], fields))))
     for i in a["ids"]:
         np.testing.assert_allclose(a["rows"][i]["vector"], b["rows"][i]["vector"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sync_on_ray_equals_sync_in_one_process(ray_instance, milvus_server, tmp_path, capsys):
+    """`mmr sync --ray`: new files encoded on the actors, a deleted file's entry removed; the
+    collection equals a single-process sync's."""
+    names = list(COLORS.items())
+    folder = tmp_path / "photos"
+    for i, (name, rgb) in enumerate(names[:3]):
+        make_image(folder / f"{name}.png", rgb, seed=i)
+    single, on_ray = _pipe(milvus_server, "sync_single"), _pipe(milvus_server, "sync_ray")
+    single.index(folder, progress=False), on_ray.index(folder, progress=False)
+    (folder / f"{names[0][0]}.png").unlink()
+    make_image(folder / f"{names[3][0]}.png", names[3][1], seed=3)
+    assert single.sync(folder, progress=False).to_dict()["removed"] == 1
+    from mm_retrieval.cli import main
+
+    capsys.readouterr()
+    code = main(["sync", str(folder), "--db", milvus_server, "--collection", "sync_ray", "--model", TINY["model"],
+                 "--pretrained", TINY["pretrained"], "--ray", ray_instance, "--ray-actors", "1", "--json", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    doc = json.loads(out.out)
+    assert (doc["indexed"], doc["removed"], doc["unchanged"]) == (1, 1, 2) and doc["ray"]["actors"] == 1
+    a, b = _snapshot(single), _snapshot(on_ray)
+    assert a["ids"] == b["ids"] and a["tokens"].keys() == b["tokens"].keys()
+    for i in a["ids"]:
+        np.testing.assert_allclose(a["rows"][i]["vector"], b["rows"][i]["vector"], atol=1e-5)
