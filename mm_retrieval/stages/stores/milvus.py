@@ -455,15 +455,16 @@ class MilvusStore(Store):
         asking for 20 gave 20). Then the limit is doubled until every query has ``limit`` groups or
         the collection has no more, and the first ``limit`` of each are kept."""
         res = run(limit)
-        if not grouping:
+        if not grouping or all(len(hits) >= limit for hits in res):
             return res
-        n = limit
-        while n < self.GROUP_LIMIT and any(len(hits) < limit for hits in res):
+        n, rows, flat = limit, self.count(), 0
+        # a doubling can find no new group while a later one does: stop when the limit covers every
+        # row, or after two doublings in a row that found nothing (a filter that matches few items)
+        while n < min(self.GROUP_LIMIT, rows) and flat < 2 and any(len(hits) < limit for hits in res):
             before = [len(hits) for hits in res]
             n = min(n * 2, self.GROUP_LIMIT)
             res = run(n)
-            if [len(hits) for hits in res] == before:  # nothing more to find
-                break
+            flat = flat + 1 if [len(hits) for hits in res] == before else 0
         return [list(hits)[:limit] for hits in res]
 
     def _mode_field(self, mode: str) -> tuple[str, str]:
