@@ -136,6 +136,26 @@ def read_regular_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES)
     return data
 
 
+def read_or_reason(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(read(), None)``, or ``(None, why)`` when the file can't be read (the reason shown to
+    the user next to its path)."""
+    try:
+        return read(), None
+    except DecodeError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot read file: {e.strerror or e}"
+
+
+def identify(item: Any, digest: str, known_ids: frozenset[str]) -> bool:
+    """Give ``item`` (a decoded image's or video's) its content digest and id; False when that id
+    is already indexed (``item.known``: hashed, not decoded)."""
+    item.digest = digest
+    item.id = item_id(digest)
+    item.known = item.id in known_ids
+    return not item.known
+
+
 @dataclass
 class DecodedItem:
     """One file after the worker looked at it. Exactly one of: ``pixels`` set, ``known``
@@ -179,18 +199,8 @@ class ImageFileDataset:
     def __getitem__(self, pos: int) -> DecodedItem:
         path = self.paths[pos]
         item = DecodedItem(pos, path)
-        try:
-            data = read_regular_file(path, self.max_file_bytes)
-        except DecodeError as e:
-            item.error = str(e)
-            return item
-        except OSError as e:
-            item.error = f"cannot read file: {e.strerror or e}"
-            return item
-        item.digest = content_hash(data)
-        item.id = item_id(item.digest)
-        if item.id in self.known_ids:
-            item.known = True
+        data, item.error = read_or_reason(lambda: read_regular_file(path, self.max_file_bytes))
+        if item.error is not None or not identify(item, content_hash(data), self.known_ids):
             return item
         failpoints.hit("decoding", pid=self.run_pid)  # tests: the run dies while this file decodes
         try:

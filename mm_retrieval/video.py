@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .decode import DecodeError, item_id
+from .decode import DecodeError, identify, item_id, read_or_reason
 from .errors import ConfigError
 
 DEFAULT_MAX_VIDEO_BYTES = 8 * 1024**3
@@ -363,17 +363,8 @@ class VideoFileDataset:
 
         path = self.paths[pos]
         item = VideoItem(pos, path)
-        try:
-            item.digest = hash_file(path, self.cfg.max_file_bytes)
-        except DecodeError as e:
-            item.error = str(e)
-            return item
-        except OSError as e:
-            item.error = f"cannot read file: {e.strerror or e}"
-            return item
-        item.id = item_id(item.digest)
-        if item.id in self.known_ids:
-            item.known = True
+        digest, item.error = read_or_reason(lambda: hash_file(path, self.cfg.max_file_bytes))
+        if item.error is not None or not identify(item, digest, self.known_ids):
             return item
         failpoints.hit("decoding", pid=self.run_pid)
         try:
