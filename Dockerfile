@@ -3,8 +3,10 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY .ci/constraints.txt ./.ci/
 COPY mm_retrieval ./mm_retrieval
-RUN pip install --no-cache-dir .
+# The lock the tests pass with (README: Quick start).
+RUN pip install --no-cache-dir -c .ci/constraints.txt .
 ENV MMR_CACHE_DIR=/data/cache HF_HOME=/data/hf
 VOLUME /data
 EXPOSE 8000

@@ -164,7 +164,7 @@ def test_an_unreachable_minio_fails_before_encoding(milvus_server, image_folder)
 def test_without_the_bulk_extra_one_message_names_it(tmp_path, capsys, monkeypatch):
     import pymilvus
 
-    monkeypatch.delattr(pymilvus, "bulk_writer", raising=False)  # as if pymilvus[bulk_writer] were not installed
+    monkeypatch.delattr(pymilvus, "bulk_writer", raising=False)  # as if pymilvus[bulk-writer] were not installed
     monkeypatch.setitem(sys.modules, "pymilvus.bulk_writer", None)
     db = tmp_path / "lite.db"
     rc = main(["index", str(tmp_path), "--db", str(db), "--model", "mmr-tiny", "--pretrained", "none", "--bulk-dir", str(tmp_path / "out")])

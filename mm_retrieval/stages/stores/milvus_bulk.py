@@ -4,7 +4,7 @@
 runs the index as usual (decode, encode, token cache; with ``--ray`` too) but the rows do not go
 to Milvus batch by batch: :class:`BulkImportStore` sits between the indexer and the
 :class:`~mm_retrieval.stages.stores.milvus.MilvusStore` and hands them to pymilvus' own bulk
-import pieces (the optional extra ``pip install "mm-retrieval[bulk]"``, i.e. ``pymilvus[bulk_writer]``):
+import pieces (the optional extra ``pip install "mm-retrieval[bulk]"``, i.e. ``pymilvus[bulk-writer]``):
 
 1. the collection's schema is read back from Milvus (``describe_collection`` ->
    ``CollectionSchema.construct_from_dict``), so the files follow whatever fields it has;
@@ -71,7 +71,7 @@ def require_bulk_writer() -> Any:
     try:
         from pymilvus import bulk_writer
     except ImportError as e:  # pymilvus raises ModuleNotFoundError naming the missing packages
-        raise MissingDependencyError("pymilvus[bulk_writer]", "bulk", "mmr index --bulk-import / --bulk-dir") from e
+        raise MissingDependencyError("pymilvus[bulk-writer]", "bulk", "mmr index --bulk-import / --bulk-dir") from e
     if not handlers and root.handlers:  # its endpoint_resolver calls logging.basicConfig(INFO) on import: undo that
         for h in root.handlers[:]:
             root.removeHandler(h)
