@@ -11,7 +11,7 @@ The Python API mirrors the CLI::
 import os
 
 # Milvus Lite serves gRPC in-process; keep gRPC core's informational lines off stderr (decoding
-# workers are spawned, not forked: see mm_retrieval.workers).
+# workers are not forked from this process: see mm_retrieval.workers).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.1.0"

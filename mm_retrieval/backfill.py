@@ -91,12 +91,13 @@ def build_token_cache(encoder: Encoder, store: Store, writer: TokenWriter, *, im
 
 
 def cache_info(store: Store) -> list[dict[str, Any]]:
-    """Every token cache of ``store``'s collection: fingerprint, items, bytes per item, file size."""
+    """Every token cache of ``store``'s collection: fingerprint, items, bytes per item, live and
+    free slots (``slots``: see :meth:`TokenCache.stats`), file size."""
     out = []
     for path in caches_in(store.cache_dir()):
         c = open_existing(path)
         doc = {"path": str(path), "fingerprint": c.fingerprint, "items": len(c), "bytes_per_item": c.bytes_per_item,
-               "shape": list(c.shape) if c.shape else None, "file_bytes": c.file_bytes()}
+               "shape": list(c.shape) if c.shape else None, "slots": c.stats(), "file_bytes": c.file_bytes()}
         if c.info is not None:  # what the writer said the arrays hold (e.g. BLIP: real tokens/width, storage)
             doc["info"] = c.info
         out.append(doc)

@@ -6,7 +6,6 @@ progress bars, warnings and logs go to stderr. Errors become one line on stderr 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -72,7 +71,7 @@ def _pop_common(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def bulk_options(fn: Callable) -> Callable:
-    """--bulk-import, --bulk-dir and the MinIO settings of `mmr index` (README "Scaling it out")."""
+    """--bulk-import, --bulk-dir and the MinIO settings of `mmr index` (docs/scaling.md, "Scaling it out")."""
     options = [
         click.option("--bulk-import", is_flag=True, help="First load of a new or empty collection on a Milvus server through Milvus' bulk "
                      "import: Parquet files in the collection's schema, uploaded to MinIO/S3, imported in one job at the end "
@@ -117,7 +116,7 @@ def video_options(fn: Callable) -> Callable:
 
 
 def ray_options(fn: Callable) -> Callable:
-    """--ray [ADDRESS] and --ray-actors (index and sync; README "Past one machine: Ray")."""
+    """--ray [ADDRESS] and --ray-actors (index and sync; docs/scaling.md, "Past one machine: Ray")."""
     options = [
         click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                      help="Decode and encode on a pool of Ray actors (pip install \"mm-retrieval[ray]\"). Alone: a local Ray instance; "
@@ -149,7 +148,7 @@ def _pop_video(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug), Milvus' and gRPC's own logs included.")
 @click.version_option(package_name="mm-retrieval")
 def cli(verbose: int) -> None:
     """mm_retrieval: text-to-image search with CLIP embeddings in Milvus and a cross-attention reranker.
@@ -162,6 +161,10 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        # gRPC's C core logs to stderr on its own (e.g. "chttp2_transport ... GOAWAY ... too_many_pings");
+        # read once, when grpc is first imported (by pymilvus, later). pymilvus' logger: quiet_milvus_logs.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 @cli.command()
@@ -174,11 +177,14 @@ def cli(verbose: int) -> None:
 @click.option("--text-columns", help="Comma-separated table columns whose text gets a text vector (default: caption).")
 @click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@click.option("--ocr/--no-ocr", default=None, help="Read the text in images (OCR, offline on CPU; needs `pip install \"mm-retrieval[ocr]\"`), "
+              "also in images indexed before without it, for --mode ocr and as a caption where an image has none. Default: "
+              "the config's [index] ocr, else off.")
 @bulk_options
 @ray_options
 @video_options
 def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None,
-          text_columns: str | None, tokens: bool, progress: bool | None, **kwargs: Any) -> None:
+          text_columns: str | None, tokens: bool, progress: bool | None, ocr: bool | None, **kwargs: Any) -> None:
     """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
 
     A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
@@ -193,25 +199,29 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     video = _pop_video(kwargs)
     pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens, video=video)
     columns = [c.strip() for c in text_columns.split(",") if c.strip()] if text_columns else None
-    report = pipe.index(source, progress=progress, text_columns=columns, bulk_import=bulk, ray=ray_address, ray_actors=ray_actors)
+    report = pipe.index(source, progress=progress, text_columns=columns, bulk_import=bulk, ray=ray_address, ray_actors=ray_actors,
+                        ocr=ocr)
     if as_json:
         _emit_json({**report.to_dict(), **({"bulk_import": bulk.to_dict()} if bulk is not None else {})})
         return
+    exists = pipe.store.exists()  # a run that found nothing to index creates no collection: names none
     _out(
         f"indexed {report.indexed}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
-        f"replaced {report.replaced}, moved {report.moved}, skipped {report.skipped} in {report.seconds:.1f}s "
-        f"-> collection {pipe.store.name!r} ({pipe.store.count()} items)"
+        f"replaced {report.replaced}, moved {report.moved}, skipped {report.skipped} in {report.seconds:.1f}s"
+        + (f" -> collection {pipe.store.name!r} ({pipe.store.count()} items)" if exists else "")
     )
     for f in report.failed[:50]:
         _out(f"  skipped {f.path}: {f.error}")
     if report.skipped > 50:
         _out(f"  ... and {report.skipped - 50} more (use --json for the full list)")
+    _duplicate_lines(report)
+    _ocr_lines(report)
     if bulk is not None and bulk.files:
         _out(f"bulk import: {bulk.rows} rows in {len(bulk.files)} Parquet file(s), {bulk.state}"
              + (f" (job {', '.join(bulk.job_ids)}: {bulk.imported_rows} rows)" if bulk.job_ids else f" under {bulk.folder}; import them with:"))
         if bulk.config.local_dir is not None:
             _out(bulk.command())
-    if report.indexed == 0 and not pipe.store.exists():
+    if report.indexed == 0 and not exists:
         found = "no readable image" if report.skipped else "no image or text item"
         _echo(f"nothing to index: {found} in {source}, so no collection was created. A folder is searched recursively "
               "for image files (.jpg, .png, .webp, ...) and videos (.mp4, .mov, .webm, ...); a table needs rows with a 'path' (or, for text-only items, a caption).")
@@ -220,12 +230,16 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
 @cli.command()
 @click.argument("source", type=click.Path(), required=False, metavar="SOURCE")  # required: _pop_ray says so
 @common_options
-@click.option("--dry-run", is_flag=True, help="Only show what would be added, re-checked and removed.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be added, replaced, moved and removed, which files are "
+              "copies and which can't be read (each new or changed file is read and decoded, nothing is encoded or written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (or plan) as JSON on stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@click.option("--ocr/--no-ocr", default=None, help="Read the text in images (OCR, offline on CPU; needs `pip install \"mm-retrieval[ocr]\"`), "
+              "also in images indexed before without it, for --mode ocr and as a caption where an image has none. Default: "
+              "the config's [index] ocr, else off.")
 @ray_options
 @video_options
-def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwargs: Any) -> None:
+def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, ocr: bool | None, **kwargs: Any) -> None:
     """Bring the collection in step with SOURCE: add new files, replace changed ones, remove gone ones.
 
     Entries under SOURCE's folder (a table's folder, for a table) whose file is no longer listed
@@ -235,35 +249,91 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
     ray_address, ray_actors = _pop_ray(kwargs, source)
     video = _pop_video(kwargs)
     pipe = _pipeline(_pop_common(kwargs), video=video)
-    report = pipe.sync(source, dry_run=dry_run, progress=progress, ray=ray_address, ray_actors=ray_actors)
+    report = pipe.sync(source, dry_run=dry_run, progress=progress, ray=ray_address, ray_actors=ray_actors, ocr=ocr)
     if as_json:
         _emit_json(report.to_dict())
         return
-    if dry_run:
+    if dry_run:  # each file read and decoded as the run would, so the plan is what the run will do
         plan = report.plan or {}
-        _out(f"would add {len(plan['add'])}, re-check {len(plan['check'])} (changed size/mtime/metadata), "
-              f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged, {report.skipped} unreadable")
-        for key, label in (("add", "+"), ("check", "~"), ("remove", "-")):
-            for p in plan[key][:20]:
+        _out(f"would add {len(plan['add'])}, replace {len(plan['replace'])} (content changed), move {len(plan['moved'])}, "
+             f"remove {len(plan['remove'])}; {plan['unchanged']} unchanged, {len(plan['update'])} updated (time, caption or "
+             f"metadata), {report.duplicates} duplicates, {report.skipped} unreadable")
+        moved = [f"{m['from']} -> {m['path']}" for m in plan["moved"]]
+        for items, label in ((plan["add"], "+"), (plan["replace"], "~"), (moved, ">"), (plan["remove"], "-")):
+            for p in items[:20]:
                 _out(f"  {label} {p}")
-            if len(plan[key]) > 20:
-                _out(f"  {label} ... and {len(plan[key]) - 20} more")
+            if len(items) > 20:
+                _out(f"  {label} ... and {len(items) - 20} more")
         for f in report.failed[:50]:
             _out(f"  ! {f.path}: {f.error}")
+        _duplicate_lines(report)
         return
     _out(f"indexed {report.indexed}, replaced {report.replaced}, moved {report.moved}, removed {report.removed}, "
-          f"unchanged {report.unchanged}, skipped {report.skipped} in {report.seconds:.1f}s")
+          f"unchanged {report.unchanged}, duplicates {report.duplicates}, skipped {report.skipped} in {report.seconds:.1f}s")
     for f in report.failed[:50]:
         _out(f"  skipped {f.path}: {f.error}")
+    _duplicate_lines(report)
+    _ocr_lines(report)
+
+
+def _ocr_lines(report: Any) -> None:
+    """With --ocr: how many images were read, and the files OCR failed on (indexed all the same)."""
+    if report.ocr is None:
+        return
+    o = report.ocr
+    _out(f"  ocr: read {o['read']} images ({o['with_text']} with text) in {o['seconds']:.1f}s"
+         + (f", failed on {len(o['failed'])} (indexed without their text)" if o["failed"] else ""))
+    for f in o["failed"][:20]:
+        _out(f"  ocr failed {f['path']}: {f['error']}")
+
+
+def _duplicate_lines(report: Any) -> None:
+    """Which file is a copy of which (stored once: a search or rerank finds the first's item)."""
+    for d in report.duplicate_files[:20]:
+        _out(f"  duplicate {d.path}: listed twice" if d.path == d.of else f"  duplicate {d.path}: same content as {d.of}")
+    if len(report.duplicate_files) > 20:
+        _out(f"  ... and {len(report.duplicate_files) - 20} more duplicates (use --json for the full list)")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@common_options
+@click.option("--debounce", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="Wait until the folder has been quiet this long before syncing (files still being copied keep changing).")
+@click.option("--full-sync-every", "full_every", type=float, default=600.0, show_default=True, metavar="SECONDS",
+              help="A full sync this often, for events the OS dropped.")
+@video_options
+def watch(folder: str, debounce: float, full_every: float, **kwargs: Any) -> None:
+    """Keep the collection in step with FOLDER as files land, change, move and go (Ctrl-C stops).
+
+    Starts with a full `mmr sync FOLDER`, then syncs the folders that file events touch, once they
+    have been quiet for --debounce seconds, exactly as `mmr sync` would: one line per change on
+    stderr. Killing it at any moment loses nothing: the next start's full sync catches up.
+    Between syncs it lets go of the database, so `mmr search` in another shell works with Milvus
+    Lite too (during a sync it is refused, saying so); `mmr serve --watch FOLDER` serves and
+    watches in one process.
+    """
+    from .watch import FolderWatcher
+
+    video = _pop_video(kwargs)
+    pipe = _pipeline(_pop_common(kwargs), video=video)
+    watcher = FolderWatcher(pipe, folder, debounce=debounce, max_delay=max(30.0, debounce), full_every=full_every, log=_echo,
+                            release=True)  # Milvus Lite: other processes may search between syncs
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        _echo("stopped")
 
 
 @cli.command()
 @click.argument("query", required=False)
 @common_options
 @click.option("--image", "image", help="Search by this image instead (a file or an http(s) URL): similar images, or with --mode text the captions that fit it.")
-@click.option("--mode", type=click.Choice(["auto", "image", "text", "hybrid"]),
+@click.option("--mode", type=click.Choice(["auto", "image", "text", "hybrid", "ocr"]),
               help="Search image vectors, text vectors, or both fused by Milvus. Default auto: a text query searches both (hybrid) "
-                   "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images).")
+                   "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images). "
+                   "ocr: the words read in the images (a collection indexed with --ocr; also inside runs of letters the reader joined), "
+                   "the whole phrase ranked first.")
 @click.option("--k", type=int, help="Number of hits (default 10).")
 @click.option("--candidates", type=int, help="First-stage candidates the reranker rescores (default 100).")
 @click.option("--filter", "filter_", default="", help='Milvus filter expression, e.g. \'metadata["year"] >= 2020\'.')
@@ -272,8 +342,20 @@ def sync(source: str, dry_run: bool, as_json: bool, progress: bool | None, **kwa
 @click.option("--json", "as_json", is_flag=True, help="Print results as one JSON document on stdout.")
 @click.option("--group-by-video/--no-group-by-video", default=True,
               help="Keep each video's best moment only, so one long video can't fill the page (default: on).")
+@click.option("--min-score", type=float, metavar="X",
+              help="The hits are every one whose first-stage similarity is above X (Milvus range search, at most 1000) instead "
+                   "of a fixed top k; --k then shows the first k of them (in --sort order). Thresholds are model-specific: see "
+                   "'Choosing --min-score' in docs/collections.md.")
+@click.option("--sort", "sort", metavar="FIELD", help="Order the hits by a metadata field instead of relevance: --sort taken "
+              "(oldest first), --sort -taken (newest first); comma-separated for several; score, path and caption too.")
+@click.option("--collapse-duplicates", is_flag=True, help="Show one hit per group of near-duplicates (re-saved, resized, cropped "
+              "or turned copies of one photo, as `mmr duplicates` groups them): its best-ranked.")
+@click.option("--server", "server_url", metavar="URL", help="Search through the `mmr serve` at URL (models loaded once, there). "
+              "Default: the one serving the same --db and --collection, when running, unless --config, --model, --pretrained, "
+              "--device or another --rerank is given.")
 def search(query: str | None, image: str | None, mode: str | None, k: int | None, candidates: int | None, filter_: str,
-           rerank_path: str | None, no_rerank: bool, as_json: bool, group_by_video: bool, **kwargs: Any) -> None:
+           rerank_path: str | None, no_rerank: bool, as_json: bool, group_by_video: bool, min_score: float | None,
+           sort: str | None, collapse_duplicates: bool, server_url: str | None, **kwargs: Any) -> None:
     """Search for QUERY (text), or for --image PATH_OR_URL.
 
     Text queries find images (and, in text/hybrid mode, items by their captions); the reranker
@@ -287,24 +369,70 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
         raise InputError("give a text QUERY or --image PATH_OR_URL (exactly one)")
     if query is not None:
         validate_query(query)  # fail before loading any model
-    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
     rerank = False if no_rerank else (True if rerank_path is not None else None)  # --rerank DIR asks for reranking
-    result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=rerank,
-                         group_by_video=group_by_video)
+    opts = _pop_common(kwargs)
+    server = _search_server(opts, server_url, rerank_path)
+    if server is not None:  # a running `mmr serve` answers: no model loaded here
+        from .config import SearchConfig
+        from .server.discovery import remote_search
+
+        defaults = SearchConfig()  # this command's defaults, not the server's config
+        result = remote_search(server, query, image=image, mode=mode or defaults.mode,
+                               k=(None if min_score is not None else defaults.k) if k is None else k,
+                               candidates=defaults.candidates if candidates is None else candidates, filter=filter_, rerank=bool(rerank),
+                               group_by_video=group_by_video, api_key=os.environ.get("MMR_API_KEY"), min_score=min_score, sort=sort,
+                               collapse_duplicates=collapse_duplicates)
+        hybrid_ranker = defaults.hybrid_ranker
+    else:
+        pipe = _pipeline(opts, reranker=rerank_path)
+        result = pipe.search(query, image=image, mode=mode, k=k, candidates=candidates, filter=filter_, rerank=rerank,
+                             group_by_video=group_by_video, min_score=min_score, sort=sort,
+                             collapse_duplicates=collapse_duplicates)
+        hybrid_ranker = pipe.config.search.hybrid_ranker
     if as_json:
         _emit_json(result.to_dict())
         return
-    columns = _score_columns(result, pipe.config.search.hybrid_ranker, by_image=image is not None)
+    columns = _score_columns(result, hybrid_ranker, by_image=image is not None)
     stage = "reranked" if result.reranked else "first stage"
     _out(f"{len(result.hits)} hits for {result.query!r} ({result.mode} mode, {stage}, {result.timings_ms['total']:.0f} ms); "
-         f"ordered by {columns[0][0]}")
+         f"ordered by {sort if sort else columns[0][0]}" + (f", similarity above {min_score:g}" if min_score is not None else ""))
     _out("  " + "; ".join(f"{label}: {meaning}" for label, meaning, _ in columns))
-    _out("  #." + "".join(f"{label:>9}" for label, _, _ in columns) + "  path / caption")
+    decimals = [_decimals([get(h) for h in result.hits]) for _, _, get in columns]
+    widths = [max(9, d + 5) for d in decimals]
+    _out("  #." + "".join(f"{label:>{w}}" for (label, _, _), w in zip(columns, widths)) + "  path / caption")
     for h in result.hits:
-        scores = "".join(f"{_fmt_score(get(h)):>9}" for _, _, get in columns)
+        scores = "".join(f"{_fmt_score(get(h), d):>{w}}" for (_, _, get), d, w in zip(columns, decimals, widths))
         cap = f"  \"{h.caption}\"" if h.caption else ""
-        when = f" [{_clock(h.start)}-{_clock(h.end)}]" if h.video_id is not None else ""  # a video's moment
+        when = f" [{h.moment}]" if h.moment else ""  # a video's moment, as the page shows it
+        if result.mode == "ocr":  # what was read, since that is what matched
+            cap = f"  text: \"{((h.metadata or {}).get('ocr') or {}).get('text', '')[:100]}\""
         _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{when}{cap}")
+
+
+def _search_server(opts: dict[str, Any], server_url: str | None, rerank_path: str | None) -> str | None:
+    """The `mmr serve` that answers a search instead of this process: --server URL, else the one
+    announced for the same database and collection (:mod:`mm_retrieval.server.discovery`) when
+    the search names no config, model or device of its own, and no reranker but the server's."""
+    from .server import discovery
+
+    own = [flag for key, flag in (("config_file", "--config"), ("model", "--model"), ("pretrained", "--pretrained"),
+                                  ("device", "--device")) if opts.get(key)]
+    if server_url:
+        if own:
+            raise click.UsageError(f"--server searches with the server's models and config; drop {', '.join(own)}")
+        return server_url
+    if own:
+        return None
+    from .config import DEFAULT_COLLECTION, DEFAULT_DB
+
+    found = discovery.find_server(opts.get("db") or DEFAULT_DB, opts.get("collection") or DEFAULT_COLLECTION)
+    if found is None:
+        return None
+    if rerank_path is not None and discovery.resolved_ref(rerank_path) != found.reranker:
+        log.info("not searching through mmr serve at %s: it reranks with %s, not %s", found.url, found.reranker, rerank_path)
+        return None
+    log.info("searching through mmr serve at %s (pid %s)", found.url, found.pid)
+    return found.url
 
 
 def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[tuple[str, str, Callable[[Any], float | None]]]:
@@ -321,20 +449,23 @@ def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[t
         return [fused, *rerank, (image[0], image[1] + " (-: a text item)", lambda h: h.image_score), text]
     if result.mode == "text":
         return [("text", text[1].replace(" (-: no caption)", ""), lambda h: h.score)]
+    if result.mode == "ocr":
+        return [("words", "0.5 for the share of query words read in the image, 0.4 when they appear as the phrase, 0.1 for whole words",
+                 lambda h: h.score)]
     if result.reranked:
         return [("reranker", reranker, lambda h: h.score), image]
     return [(image[0], image[1], lambda h: h.score)]
 
 
-def _clock(seconds: float | None) -> str:
-    """1:23 (or 1:02:03) for a time in a video."""
-    total = int(seconds or 0)
-    h, m, sec = total // 3600, total // 60 % 60, total % 60
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+def _fmt_score(value: float | None, decimals: int = 3) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
 
 
-def _fmt_score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _decimals(values: list[float | None]) -> int:
+    """Decimals that print a column's different values differently (3 at least, 9 at most): RRF
+    scores of neighbouring rows, such as 1/61 + 1/64 and 1/62 + 1/63, differ in the 5th."""
+    distinct = {round(v, 12) for v in values if v is not None}  # RRF ties summed in another order are ties
+    return next((d for d in range(3, 9) if len({f"{v:.{d}f}" for v in distinct}) == len(distinct)), 9)
 
 
 @cli.command()
@@ -360,7 +491,7 @@ def demo(workdir: str, train: bool, export_dir: str | None, model: str | None, p
 
     _narrate_training()
     doc = run_demo(workdir, model=model, pretrained=pretrained, sizes=QUICK if quick else DemoSizes(), train=train,
-                   export=export_dir, say=_echo, progress=progress)
+                   export=export_dir, say=_echo, progress=progress, show_result=_echo if as_json else _out)
     if as_json:
         _emit_json(doc)
 
@@ -551,6 +682,7 @@ def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
     from .backfill import cache_info
 
     pipe = _pipeline(_pop_common(kwargs))
+    pipe.store.require()  # a mistyped --collection is an error naming those there are, not "0 items"
     info = cache_info(pipe.store)
     if as_json:
         _emit_json({"collection": pipe.store.name, "items": pipe.store.count(), "caches": info})
@@ -560,8 +692,32 @@ def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
         held = c.get("info") or {}
         shape = f"[{held['tokens']}, {held['width']}] {held['storage']}" if {"tokens", "width", "storage"} <= set(held) else c["shape"]
         _out(f"  {c['fingerprint']}: {c['items']} items, {c['bytes_per_item']:,} B/item {shape}, {c['file_bytes']:,} B on disk")
+        s = c["slots"]
+        _out(f"    slots: {s['live_slots']} live ({s['live_bytes']:,} B), {s['free_slots']} free ({s['free_bytes']:,} B; "
+             "reused by later writes, `mmr cache compact` gives them back)")
     if not info:
         _out("  no token cache (run `mmr cache build`)")
+
+
+@cache.command("compact")
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print what each cache did as JSON on stdout.")
+def cache_compact_cmd(as_json: bool, **kwargs: Any) -> None:
+    """Shrink the token caches' files to their live slots (searches keep running meanwhile)."""
+    from .tokencache import compact_all
+
+    pipe = _pipeline(_pop_common(kwargs))
+    pipe.store.require()
+    done = compact_all(pipe.store.cache_dir())
+    if as_json:
+        _emit_json({"collection": pipe.store.name, "caches": done})
+        return
+    for d in done:
+        what = "compacted" if d["compacted"] else "nothing to compact"
+        dropped = f"; {d['dropped']} damaged slots dropped" if d["dropped"] else ""
+        _out(f"{d['cache']}: {what}, {d['bytes_before']:,} -> {d['bytes_after']:,} B on disk{dropped}")
+    if not done:
+        _out(f"collection {pipe.store.name!r} has no token cache")
 
 
 @cache.command("build")
@@ -587,6 +743,57 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
 
 @cli.command()
 @common_options
+@click.option("--backfill", is_flag=True, help="Add the perceptual hash to indexed images that lack one (a collection indexed "
+              "before hashes were stored): each file is read once, no model runs, nothing is re-indexed.")
+@click.option("--max-distance", type=click.IntRange(0, 64), default=None, metavar="BITS",
+              help="Largest pHash difference (of 64 bits) for two images to be copies (default 14; measured in benchmarks/RESULTS.md).")
+@click.option("--min-similarity", type=click.FloatRange(-1.0, 1.0), default=None, metavar="COS",
+              help="Smallest image-vector similarity for two images to be copies (default 0.80; model-specific).")
+@click.option("--filter", "filter_", default="", help="Only look at the items matching this Milvus filter expression.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups (or the backfill's report) as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+def duplicates(backfill: bool, max_distance: int | None, min_similarity: float | None, filter_: str, as_json: bool,
+               progress: bool | None, **kwargs: Any) -> None:
+    """Groups of near-duplicate images: re-saved, resized, recompressed, lightly cropped or turned
+    copies of one photo, and bursts.
+
+    Two images are copies when their image vectors and their perceptual hashes (stored at index
+    time) are both close; candidates come from the index (each image's nearest neighbours). Each
+    group names the one to keep (the largest, then the oldest). Nothing is deleted or moved.
+    """
+    from .duplicates import BACKFILL_HINT, backfill_hashes, find_groups
+    from .neardup import MAX_HASH_DISTANCE, MIN_SIMILARITY
+
+    pipe = _pipeline(_pop_common(kwargs))
+    pipe.store.require()
+    if backfill:
+        doc = backfill_hashes(pipe.store, progress=progress)
+        if as_json:
+            _emit_json(doc)
+            return
+        _out(f"collection {doc['collection']!r}: {doc['hashed']} images hashed, {len(doc['failed'])} failed")
+        for f in doc["failed"][:20]:
+            _out(f"  {f['path']}: {f['error']}")
+        return
+    report = find_groups(pipe.store, min_similarity=MIN_SIMILARITY if min_similarity is None else min_similarity,
+                         max_distance=MAX_HASH_DISTANCE if max_distance is None else max_distance, filter=filter_, progress=progress)
+    if report.unhashed:
+        _echo(f"warning: {report.unhashed} of {report.images} images have no perceptual hash and were left out: {BACKFILL_HINT}")
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    copies = sum(len(g.items) - 1 for g in report.groups)
+    _out(f"{len(report.groups)} groups of near-duplicates among {report.images} images ({copies} copies); nothing was deleted")
+    for n, g in enumerate(report.groups, 1):
+        _out(f"group {n} ({len(g.items)} images, hash distance <= {g.max_distance}, similarity >= {g.min_similarity:.3f}):")
+        for it in g.items:
+            size = f"{it['width']}x{it['height']}" if it["width"] and it["height"] else "?x?"
+            mark = "keep" if it["id"] == g.keep else "    "
+            _out(f"  {mark}  {size:>11}  {it['file_size']:>10,} B  {it['taken'] or '':<25}  {it['path']}")
+
+
+@cli.command()
+@common_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 exposes the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--rerank", "rerank_path", type=click.Path(), help=f"The reranker ({RERANKER_REF}); without it, scores are the first stage's.")
@@ -599,11 +806,13 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
 @click.option("--batch-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a request waits for others to batch with.")
 @click.option("--media-root", "media_roots", multiple=True, type=click.Path(file_okay=False),
               help="The page also shows indexed files whose real path lies under DIR (for folders indexed through symlinks); repeatable.")
+@click.option("--watch", "watch_folder", type=click.Path(file_okay=False), metavar="FOLDER",
+              help="Also keep the collection in step with FOLDER, as `mmr watch FOLDER` does, in this process.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One stderr line per request: method, path, status, milliseconds (never the key, query string or body).")
 def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, model_name: str | None, max_documents: int,
           max_body_mb: float, max_image_mb: float, max_batch: int, batch_wait_ms: float, media_roots: tuple[str, ...],
-          access_log: bool, **kwargs: Any) -> None:
+          access_log: bool, watch_folder: str | None, **kwargs: Any) -> None:
     """HTTP API: search, and reranking in the Cohere, TEI and vLLM wire formats; a search page.
 
     \b
@@ -615,6 +824,7 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
     GET  /healthz, /readyz, /docs
 
     A document is an indexed image's path as stored, its id, or an image inline as a data URI.
+    While it runs, `mmr search` on the same --db and --collection asks it instead of loading models.
     """
     from .server import ServerConfig
     from .server.run import serve as run_server
@@ -623,12 +833,12 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
     config = ServerConfig(host=host, port=port, api_key=api_key or None, model_name=model_name, max_documents=max_documents,
                           max_body_bytes=int(max_body_mb * mib), max_image_bytes=int(max_image_mb * mib),
                           max_batch_requests=max_batch, batch_wait_ms=batch_wait_ms, media_roots=tuple(media_roots))
-    run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config, access_log=access_log)
+    run_server(_pipeline(_pop_common(kwargs), reranker=rerank_path), config, access_log=access_log, watch=watch_folder)
 
 
 @cli.command()
 @click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["encode", "search", "rerank", "blip", "quality", "video", "scale", "all"]), help="Which suite(s) to run; repeat the option for several.")
+              type=click.Choice(["encode", "search", "rerank", "blip", "quality", "video", "scale", "cli", "photos", "dupes", "ocr", "probe", "all"]), help="Which suite(s) to run; repeat the option for several.")
 @click.option("--blip", "blip", metavar="NAME_OR_DIR", help="BLIP checkpoint for the blip suite (hub name in the local Hugging Face cache, or a directory). Default: random BLIP-base-sized weights (timing only; tiny with --quick).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every suite runs (seconds), numbers mean nothing.")
@@ -650,6 +860,7 @@ def bench(suites: tuple[str, ...], blip: str | None, device: str, quick: bool, w
     quality  first stage vs reranked Recall@K on held-out compositional captions
     video    video decode frames/s, segments/min, index s per video hour; grouping search
     scale    index images/s in one process vs --ray with 1 and 2 actors; Ray per batch; driver writes
+    cli      seconds `mmr` takes to refuse a bad filter, table, model or collection (no model loaded)
     """
     from pathlib import Path
 
@@ -701,8 +912,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmr`` console script; returns the exit code."""
     try:
         cli.main(args=argv, prog_name="mmr", standalone_mode=False)
-    except click.exceptions.Abort:
-        _echo("aborted")
+    except click.exceptions.Abort as e:
+        # Ctrl-C: an index or sync run says what landed and that re-running resumes (IndexInterrupted)
+        stopped = e.__cause__
+        _echo(str(stopped) if stopped is not None and hasattr(stopped, "report") else "aborted")
         return 130
     except click.ClickException as e:
         e.show()
@@ -712,8 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MMR_DEBUG"):
             raise
         return e.exit_code
-    except KeyboardInterrupt:
-        _echo("interrupted")
+    except KeyboardInterrupt as e:
+        _echo(str(e) if hasattr(e, "report") else "interrupted")
         return 130
     return 0
 

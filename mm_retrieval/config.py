@@ -43,6 +43,9 @@ C = TypeVar("C")
 MAX_CONFIG_BYTES = 1024 * 1024  # a pipeline file is a few hundred bytes
 # the stage a pipeline file's section gets when it names none
 DEFAULT_STAGE_NAMES = {"encoder": "open_clip", "store": "milvus", "reranker": "cross_attention"}
+# The default store's database and collection (store/milvus' config), here so that the CLI can
+# name them without importing the store (`mmr search` through a server loads no stage at all).
+DEFAULT_DB, DEFAULT_COLLECTION = "./mmr.db", "images"
 
 
 def prune_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +149,13 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """Defaults for index and sync runs (the pipeline file's ``[index]``)."""
+
+    ocr: bool = False  # read the text in images (mm_retrieval.ocr; pip install "mm-retrieval[ocr]"), like --ocr
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The stages of a pipeline plus search defaults. Build it with :meth:`load` or directly."""
 
@@ -153,10 +163,11 @@ class PipelineConfig:
     store: StageSpec = field(default_factory=lambda: StageSpec("store", "milvus"))
     reranker: StageSpec | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "pipeline config") -> "PipelineConfig":
-        known = {"encoder", "store", "reranker", "search"}
+        known = {"encoder", "store", "reranker", "search", "index"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown section(s) {', '.join(map(repr, unknown))} in {where}; valid: {', '.join(sorted(known))}")
@@ -175,6 +186,10 @@ class PipelineConfig:
             if not isinstance(data["search"], dict):
                 raise ConfigError(f"[search] in {where} must be a table")
             kwargs["search"] = config_from_dict(SearchConfig, data["search"], where=f"[search] in {where}")
+        if "index" in data:
+            if not isinstance(data["index"], dict):
+                raise ConfigError(f"[index] in {where} must be a table")
+            kwargs["index"] = config_from_dict(IndexConfig, data["index"], where=f"[index] in {where}")
         return cls(**kwargs)
 
     @classmethod
@@ -212,4 +227,6 @@ class PipelineConfig:
             if spec is not None:
                 out[kind] = {"name": spec.name, **spec.params}
         out["search"] = config_to_dict(self.search)
+        if self.index != IndexConfig():
+            out["index"] = config_to_dict(self.index)
         return out

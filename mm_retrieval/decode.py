@@ -15,15 +15,22 @@ import io
 import os
 import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import failpoints
+from .media_meta import image_meta
+from .neardup import PHASH_KEY, image_phash
 
+# Phones' HEIC/HEIF (pillow-heif) and AVIF (Pillow >= 11.3, else pillow-heif) decode like JPEGs.
+PHONE_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avif"})
+# Camera RAW: indexed from the JPEG preview the camera embeds (:func:`raw_preview`), or skipped
+# with that reason when a file has none.
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".nef", ".arw"})
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-)
+) | PHONE_EXTENSIONS | RAW_EXTENSIONS
 # Videos (decoded by :mod:`mm_retrieval.video`, indexed as segments): what folders pick up, and
 # how a table row's path is routed.
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
@@ -50,16 +57,37 @@ def item_id(digest: str) -> str:
     return digest[:32]
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Bytes -> PIL image (first frame, EXIF orientation applied). Raises DecodeError."""
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, raw: bool = False):
+    """Bytes -> PIL image (first frame, EXIF orientation applied; ``raw``: see
+    :func:`decode_image_meta`). Raises DecodeError."""
+    return decode_image_meta(data, max_pixels=max_pixels, with_meta=False, raw=raw)[0]
+
+
+def is_raw(path: str | Path) -> bool:
+    """Whether ``path`` is named like a camera RAW (:data:`RAW_EXTENSIONS`)."""
+    return os.path.splitext(str(path))[1].lower() in RAW_EXTENSIONS
+
+
+def decode_image_meta(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, with_meta: bool = True, raw: bool = False):
+    """Bytes -> ``(PIL image, metadata)``: :func:`decode_image`'s image, and with ``with_meta``
+    what the file says about itself (:func:`mm_retrieval.media_meta.image_meta`, read from the
+    EXIF that orientation is applied from: no second parse). ``raw``: the file is named like a
+    camera RAW (:data:`RAW_EXTENSIONS`), so a TIFF structure is its container, whose preview is
+    decoded (a DNG or CR2 says so itself). Raises DecodeError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    register_formats()
+    meta: dict[str, Any] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
+            if im.format == "TIFF" and (raw or _says_raw(im, data)):  # its first IFD: a thumbnail, or sensor data
+                if with_meta:  # the camera's EXIF; the preview's own size and orientation are what is shown
+                    meta = {k: v for k, v in image_meta(im).items() if k not in ("width", "height", "orientation")}
+                im = raw_preview(data, max_pixels)
             w, h = im.size
             if w * h > max_pixels:
                 raise DecodeError(
@@ -67,10 +95,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS):
                     "raise max_pixels in the encoder config if this is a real image)"
                 )
             im.load()
+            if with_meta:
+                meta = {**image_meta(im), **meta}  # a RAW's own EXIF wins over its preview's
             im = ImageOps.exif_transpose(im)
     except DecodeError:
         raise
     except UnidentifiedImageError:
+        if _iso_brand(data) in _HEIF_BRANDS and not _formats["heif"]:
+            raise DecodeError("HEIC/HEIF image, and pillow-heif is not installed: pip install pillow-heif") from None
         raise DecodeError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise DecodeError(f"image too large (decompression bomb): {e}") from None
@@ -84,7 +116,96 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise DecodeError("image has zero width or height")
     if im.mode.startswith("I") or im.mode == "F":
         im = _to_8bit(im)
-    return im
+    if with_meta and (phash := image_phash(im)) is not None:  # near-duplicates: mmr duplicates
+        meta[PHASH_KEY] = phash
+    return im, meta
+
+
+def file_meta(data: bytes) -> dict[str, Any]:
+    """The metadata of an image file's bytes without decoding its pixels (an item already
+    indexed, whose row is rewritten); {} when it can't be read."""
+    from PIL import Image
+
+    register_formats()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return image_meta(Image.open(io.BytesIO(data)))
+    except Exception:
+        return {}
+
+
+_formats = {"heif": False, "done": False}
+_HEIF_BRANDS = frozenset({"heic", "heix", "heim", "heis", "hevc", "hevx", "mif1", "msf1", "avif", "avis"})
+
+
+def register_formats() -> None:
+    """Teach Pillow the phone formats once per process: HEIC/HEIF through pillow-heif's opener,
+    and AVIF through it too where this Pillow has no AVIF decoder of its own (Pillow >= 11.3
+    has one). Without pillow-heif, HEIC files are skipped with a reason naming it."""
+    if _formats["done"]:
+        return
+    _formats["done"] = True
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    from PIL import features
+
+    pillow_heif.register_heif_opener()
+    _formats["heif"] = True
+    if not features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+
+
+def _iso_brand(data: bytes) -> str:
+    """The major brand of an ISO base media file (``heic``, ``avif``, ``mif1``), else ''."""
+    return data[8:12].decode("latin-1") if data[4:8] == b"ftyp" else ""
+
+
+RAW_NO_PREVIEW = (
+    "camera RAW file without a usable embedded JPEG preview: not indexed (export it as JPEG/HEIC/TIFF "
+    "to index it)"
+)
+_RAW_MAX_CANDIDATES = 32
+
+
+_DNG_VERSION = 50706
+
+
+def _says_raw(im, data: bytes) -> bool:
+    """Whether an opened TIFF declares itself a camera RAW whatever its name: a DNGVersion tag,
+    or CR2's ``CR`` signature. (NEF and ARW don't: their extension tells, see ``raw``; a plain
+    TIFF, a film scanner's included, is decoded as the TIFF it is.)"""
+    return _DNG_VERSION in getattr(im, "tag_v2", {}) or data[8:10] == b"CR"
+
+
+def raw_preview(data: bytes, max_pixels: int):
+    """The largest JPEG a camera RAW embeds (its full-size or screen preview), opened (not yet
+    loaded). RAWs are TIFF containers, the sensor data is in a form Pillow can't decode, and
+    every camera stores a JPEG preview beside it: each JPEG start marker is tried (bounded), the
+    one with the most pixels wins. DecodeError when there is none."""
+    from PIL import Image
+
+    best, best_px, start, tried = None, 0, 0, 0
+    while tried < _RAW_MAX_CANDIDATES:
+        at = data.find(b"\xff\xd8\xff", start)
+        if at < 0:
+            break
+        start, tried = at + 3, tried + 1
+        try:
+            im = Image.open(io.BytesIO(data[at:]), formats=["JPEG"])
+            w, h = im.size
+            if im.mode not in ("RGB", "L", "CMYK") or not 0 < w * h <= max_pixels:
+                continue
+            im.load()  # lossless-JPEG sensor data opens but does not decode: skipped here
+        except Exception:
+            continue
+        if w * h > best_px:
+            best, best_px = im, w * h
+    if best is None:
+        raise DecodeError(RAW_NO_PREVIEW)
+    return best
 
 
 def _to_8bit(im):
@@ -169,12 +290,15 @@ class DecodedItem:
     decoded: bool = False  # pixels were produced (they travel in the batch tensor)
     known: bool = False
     error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # what the file says about itself (media_meta)
 
 
 class ImageFileDataset:
     """A map-style dataset over file paths for ``torch.utils.data.DataLoader``.
 
     ``known_ids``: ids already indexed; their files are hashed but not decoded.
+    ``file_metadata``: read each file's own metadata into ``item.meta`` (from the header the
+    decode parses anyway; for a known file from its header alone).
     """
 
     def __init__(
@@ -185,8 +309,10 @@ class ImageFileDataset:
         known_ids: frozenset[str] = frozenset(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        file_metadata: bool = True,
     ):
         self.paths = paths
+        self.file_metadata = file_metadata
         self.transform = transform
         self.known_ids = known_ids
         self.max_pixels = max_pixels
@@ -200,11 +326,17 @@ class ImageFileDataset:
         path = self.paths[pos]
         item = DecodedItem(pos, path)
         data, item.error = read_or_reason(lambda: read_regular_file(path, self.max_file_bytes))
-        if item.error is not None or not identify(item, content_hash(data), self.known_ids):
+        if item.error is not None:
+            return item
+        if not identify(item, content_hash(data), self.known_ids):
+            if self.file_metadata:  # its row may be rewritten (moved, touched): with the file's fields
+                item.meta = file_meta(data)
             return item
         failpoints.hit("decoding", pid=self.run_pid)  # tests: the run dies while this file decodes
+        if os.getpid() != self.run_pid != os.getppid():  # a worker forked from the fork server
+            failpoints.hit("fork_server", pid=os.getppid())  # tests: that server dies mid-run
         try:
-            image = decode_image(data, max_pixels=self.max_pixels)
+            image, item.meta = decode_image_meta(data, max_pixels=self.max_pixels, with_meta=self.file_metadata, raw=is_raw(path))
             item.pixels = self.transform(image)
             item.decoded = True
         except DecodeError as e:

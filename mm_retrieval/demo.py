@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-# The shipped encoder and reranker (package data), made by `mmr demo --train --export` (README).
+# The shipped encoder and reranker (package data), made by `mmr demo --train --export` (docs/demo.md).
 SHIPPED = Path(__file__).resolve().parent / "models" / "demo"
 ENCODER_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "mmr_encoder.json")
 RERANKER_FILES = ("reranker.json", "model.safetensors")
@@ -85,10 +85,12 @@ def run_demo(
     show: int = 3,
     say: Callable[[str], None] = print,
     progress: bool | None = None,
+    show_result: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo in ``workdir``; returns the evaluation document (also written to
     ``workdir/eval.json``; ``workdir/quick/eval.json`` for ``QUICK``). ``say`` receives the
-    human-readable narration.
+    human-readable narration (the steps), ``show_result`` (default: ``say``) the results: the
+    Recall@K table, the example queries and a command to try (`mmr demo` prints them on stdout).
 
     By default the shipped encoder and reranker are used (copied into ``workdir/models``);
     ``train=True`` trains both here (``workdir/trained``), ``model`` uses that first stage and
@@ -164,16 +166,18 @@ def run_demo(
         "the reranker rescores its top 100")
     doc = evaluate(pipe, lay.data / "test.csv", candidates=100, rerank=True, index=False, progress=progress, mode="image")
     (lay.db.parent / "eval.json").write_text(json.dumps(doc, indent=2))
-    say(f"      {doc['n_queries']} queries, {doc['gallery']} images; Recall@K = share of queries whose image is in the top K")
-    say("                   R@1    R@5   R@10")
+    result = say if show_result is None else show_result
+    result(f"{doc['n_queries']} held-out queries, {doc['gallery']} images, image mode; Recall@K = share of queries whose image is in the top K")
+    result("             R@1    R@5   R@10")
     for name, label in (("first_stage", "first stage"), ("reranked", "reranked")):
-        say(f"      {label:<11} " + " ".join(f"{v:6.3f}" for v in doc[name].values()))
+        result(f"{label:<11} " + " ".join(f"{v:6.3f}" for v in doc[name].values()))
     if quick:
-        say("      (--quick: tiny models trained for seconds; these numbers mean nothing)")
+        result("(--quick: tiny models trained for seconds; these numbers mean nothing)")
 
-    examples = _show_examples(pipe, lay.data / "test.csv", show, say)
-    say(f"\ndone in {time.perf_counter() - t0:.0f}s. Try your own queries, e.g.:")
-    say(_suggestion(examples, doc, lay))
+    examples = _show_examples(pipe, lay.data / "test.csv", show, result)
+    say(f"\ndone in {time.perf_counter() - t0:.0f}s.")
+    result("\nTry your own queries, e.g.:")
+    result(_suggestion(examples, doc, lay))
     return doc
 
 

@@ -89,6 +89,8 @@ def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
     from .search import encode_text, read_image_query, stored_vector
     from .types import Hit
 
+    if pipeline.config.reranker is not None:
+        pipeline.collection_facts.precheck(pipeline.encoder)  # the collection exists and fits: said before any model loads
     reranker = pipeline.reranker
     if reranker is None:
         raise ConfigError("explaining needs a reranker: pass --rerank DIR (from `mmr train-reranker`) or "
@@ -154,6 +156,26 @@ def overlay(image: Any, heat: np.ndarray, size: int = 224, alpha: float = 0.55) 
     return Image.blend(base, hm, alpha)
 
 
+def draw_text(draw: Any, xy: tuple[int, int], text: str, *, size: int = 11) -> None:
+    """Black ``text`` at ``xy``, word by word: Pillow's default font draws a space 2 px wide at
+    this size, which reads as no space at all ("firststage"), so words are set a third of the
+    font size apart (each extra space adds as much again)."""
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    x, y = xy
+    gap = max(draw.textlength(" ", font=font), size / 3)
+    for i, word in enumerate(text.split(" ")):
+        if i:
+            x += gap
+        if word:
+            draw.text((x, y), word, fill="black", font=font)
+            x += draw.textlength(word, font=font)
+
+
 def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int | None = None,
                 layer: int | None = None) -> Path:
     """Write a PNG: the image, the whole query's attention, then one panel per query word
@@ -171,11 +193,11 @@ def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int 
     grid = Image.new("RGB", (cols * size, top + rows * (size + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     which = ("mean over heads" if head is None else f"head {head}") + (", mean over layers" if layer is None else f", layer {layer}")
-    draw.text((6, 6), f"{ex.query!r}  reranker {ex.score:.3f}  first stage {ex.retrieval_score:.3f}  ({which})", fill="black")
+    draw_text(draw, (6, 6), f"{ex.query!r}  reranker {ex.score:.3f}  first stage {ex.retrieval_score:.3f}  ({which})")
     for i, (label, panel) in enumerate(panels):
         x, y = (i % cols) * size, top + (i // cols) * (size + label_h)
         grid.paste(panel, (x, y + label_h))
-        draw.text((x + 4, y + 3), label, fill="black")
+        draw_text(draw, (x + 4, y + 3), label)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out, format="PNG")

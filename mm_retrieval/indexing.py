@@ -11,8 +11,8 @@ Every write is ordered so that a kill at any moment leaves a consistent collecti
 
 One index run per collection at a time: a lock file next to the collection's token caches makes a
 second run fail at once with a message saying who holds it (:class:`~mm_retrieval.locks.CollectionLock`).
-Nothing outlives a killed run holding that lock or the database: decoding workers are spawned,
-not forked, and die with the run (:mod:`mm_retrieval.workers`).
+Nothing outlives a killed run holding that lock or the database: decoding workers are not forked
+from the run but from a fork server that holds neither, and die with the run (:mod:`mm_retrieval.workers`).
 
 Videos (by extension, :data:`~mm_retrieval.decode.VIDEO_EXTENSIONS`) are items made of several
 rows, one per segment (:mod:`mm_retrieval.video`), always decoded and encoded in this process
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,17 +37,37 @@ from . import failpoints
 from .decode import is_video
 from .errors import InputError
 from .locks import CollectionLock
+from .media_meta import file_time, merged, same_metadata
+from .neardup import PHASH_KEY
 from .progress import progress_bar
 from .stages.base import EncodeBatches, Encoder, ImageSide, Source, Store, encode_files
 from .types import Failure, IndexReport, Record
 from .video import VideoConfig
 
 if TYPE_CHECKING:
+    from .ocr import OcrReader
     from .tokencache import TokenWriter
 
 ROW_FIELDS = ("id", "path", "file_size", "mtime_ns", "caption", "metadata")
 MEDIA_ROW_FIELDS = ("media_id", "segments")  # schema-3 collections: which video a row is a segment of
 SEGMENT_FIELDS = ("id", "vector", "content_hash", "media_id", "start", "end", "frame", "segments")
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) while an index or sync run was encoding and writing: ``report`` says what
+    landed by then. What landed stays and is consistent (see the module docstring), so running the
+    same command again resumes: it skips what is stored and indexes the rest."""
+
+    def __init__(self, report: IndexReport, collection: str, todo: int):
+        super().__init__(report, collection, todo)
+        self.report, self.collection, self.todo = report, collection, todo
+
+    def __str__(self) -> str:
+        r = self.report
+        moved = f", {r.moved} moved" if r.moved else ""
+        return (f"interrupted after {r.seconds:.0f}s: {r.indexed} new items landed in collection {self.collection!r}{moved} "
+                f"(of {self.todo} new or changed files and texts to read); what landed is kept. Run the same command "
+                "again to resume: it skips what is stored and indexes the rest")
 
 
 @dataclass
@@ -85,12 +105,17 @@ class Indexer:
     Dataset of encoder actors with ``--ray``): everything else, all writes included, stays here.
     ``video``: how video files are sampled, bounded and segmented (default :class:`VideoConfig`);
     videos are encoded here by :func:`~mm_retrieval.stages.videos.encode_videos`.
+    ``ocr``: read the text in each new image (and in indexed images without it: a backfill)
+    with this reader (:mod:`mm_retrieval.ocr`), here in the run's process after the image is
+    encoded; a file it fails on is indexed all the same and listed in ``report.ocr``.
     """
 
     def __init__(self, encoder: Encoder, store: Store, *, tokens: TokenWriter | None = None, image_side: ImageSide | None = None,
                  progress: bool | None = None, on_progress: Callable[[int], None] | None = None,
-                 encode_batches: EncodeBatches = encode_files, video: VideoConfig | None = None):
+                 encode_batches: EncodeBatches = encode_files, video: VideoConfig | None = None, ocr: OcrReader | None = None):
         self.encoder = encoder
+        self.ocr = ocr
+        self._ocr_stats: dict[str, Any] = {"read": 0, "with_text": 0, "seconds": 0.0, "failed": []}
         self.store = store
         self.tokens = tokens
         self.image_side = image_side if tokens is not None else None
@@ -131,13 +156,13 @@ class Indexer:
                 if tid in self.rows and _same_text_row(rec, self.rows[tid]):
                     plan.unchanged += 1
                 elif tid in self.rows or tid in {text_item_id(t.embed_text) for t in plan.texts}:
-                    report.duplicates += 1
+                    report.add_duplicate(f"text {rec.embed_text[:80]!r}", f"text item {tid}")
                 else:
                     plan.texts.append(rec)
                 continue
             path = str(rec.path)
             if path in listed:  # a table may list one image twice: the first row wins
-                report.duplicates += 1
+                report.add_duplicate(path, path)
                 continue
             reason = _bad_path(path)
             if reason:
@@ -152,7 +177,7 @@ class Indexer:
             if video and ids and self._video_unchanged(rec, ids):
                 plan.unchanged += len(ids)  # items: its segments
                 continue
-            if not video and len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]):
+            if not video and len(ids) == 1 and _unchanged(rec, self.rows[next(iter(ids))]) and not self._lacks_ocr(ids):
                 plan.unchanged += 1
                 continue
             reason = _unreadable(path)
@@ -168,6 +193,12 @@ class Indexer:
             prefix = str(scope) + os.sep if scope is not None else ""
             plan.remove = {p: ids for p, ids in self.ids_by_path.items() if p not in listed and p.startswith(prefix)}
         return plan
+
+    def _lacks_ocr(self, ids: set[str]) -> bool:
+        """With OCR on: whether the item's text was never read (it goes to the run, which reads it)."""
+        from .ocr import OCR_KEY
+
+        return self.ocr is not None and OCR_KEY not in (self.rows[next(iter(ids))].get("metadata") or {})
 
     def _video_unchanged(self, rec: Record, ids: set[str]) -> bool:
         """All of the path's rows are the segments of one video, complete, with the file's size,
@@ -193,7 +224,9 @@ class Indexer:
             self._scan()
             report = IndexReport()
             plan = self.plan(src, report, remove_missing=remove_missing, scope=scope)
-            report.plan = plan.to_dict()
+            forecast = self._forecast(plan.add + plan.check, report)
+            moved_from = {m["from"] for m in forecast["moved"]}  # their entries move: not removed
+            report.plan = {**plan.to_dict(), **forecast, "remove": [p for p in sorted(plan.remove) if p not in moved_from]}
             self._video_report(plan, report)
             report.seconds = time.perf_counter() - t0
             return report
@@ -216,18 +249,78 @@ class Indexer:
                     "videos in this source can't be stored in it: index them into a new --collection (images keep working "
                     "in this one; a source without videos indexes here as before)"
                 )
-            self._encode(plan.add + plan.check, report)
-            self._encode_texts(plan.texts, report)
+            try:
+                self._encode(plan.add + plan.check, report)
+                self._encode_texts(plan.texts, report)
+            except KeyboardInterrupt:
+                report.seconds = time.perf_counter() - t0
+                self._ocr_report(report)
+                raise IndexInterrupted(report, store.name, len(plan.add) + len(plan.check) + len(plan.texts)) from None
             report.unchanged += plan.unchanged
             if plan.remove:
+                # a moved file's entry left its old path's set when it moved: that path is not removed
+                report.removed = sum(1 for ids in plan.remove.values() if ids)
                 gone = {i for ids in plan.remove.values() for i in ids}
                 self._delete(gone)
-                report.removed = len(plan.remove)
             self._drop_orphan_tokens()
+            record = getattr(store, "record_video_fact", None)  # a store without it holds no video
+            if record is not None:  # every row was read: whether a video is left is known here
+                record(any(self.media.values()))
             store.flush()
         self._video_report(plan, report)
+        self._ocr_report(report)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _forecast(self, todo: list[Record], report: IndexReport) -> dict[str, Any]:
+        """What a run would make of the files it reads (``todo``: new and changed ones), for a dry
+        run: each is read, hashed and decoded by the run's own datasets (decoded and preprocessed,
+        never encoded), then sorted by the run's rules, so unreadable files, copies, moves and
+        new content come out exactly as the run finds them. Unreadable files go to
+        ``report.failed``, copies to ``report``'s duplicates; returns ``add`` (new paths),
+        ``replace`` (listed paths whose content changed), ``moved`` ({path, from}) and ``update``
+        (same content, new time, caption or metadata: rewritten, counted unchanged)."""
+        from .decode import ImageFileDataset
+        from .video import VideoFileDataset
+
+        out: dict[str, list[Any]] = {"add": [], "replace": [], "moved": [], "update": []}
+        images = [r for r in todo if not is_video(r.path)]
+        videos = [r for r in todo if is_video(r.path)]
+        decoded = ImageFileDataset([str(r.path) for r in images], self.encoder.image_transform, known_ids=frozenset(self.rows),
+                                   max_pixels=self.encoder.max_pixels,
+                                   file_metadata=False)
+        stored_images = {i: row["path"] for i, row in self.rows.items()}
+        self._sort_forecast(images, (decoded[i] for i in range(len(images))), stored_images, report, out)
+        if videos:
+            complete = frozenset(m for m in self.media if self._complete(m))
+            sampled = VideoFileDataset([str(r.path) for r in videos], _no_pixels, self.video, known_ids=complete)
+            stored_videos = {m: self.rows[next(iter(self.media[m]))]["path"] for m in complete}
+            self._sort_forecast(videos, (sampled[i] for i in range(len(videos))), stored_videos, report, out)
+        return out
+
+    def _sort_forecast(self, todo: list[Record], items: Any, stored: dict[str, str], report: IndexReport,
+                       out: dict[str, list[Any]]) -> None:
+        """The run's rules (:meth:`_encode_images`, :meth:`_known`; their video twins) applied
+        to decoded ``items`` of ``todo``; ``stored``: indexed id -> its path."""
+        seen: dict[str, str] = {}
+        for rec, it in zip(todo, items):
+            path = str(rec.path)
+            if it.error is not None:
+                report.failed.append(Failure(it.path, it.error))
+            elif it.id in seen:
+                report.add_duplicate(path, seen[it.id])
+            elif it.known and stored[it.id] != path and Path(stored[it.id]).exists():
+                report.add_duplicate(path, stored[it.id])
+            elif it.known:
+                if stored[it.id] != path:
+                    out["moved"].append({"path": path, "from": stored[it.id]})
+                    stored[it.id] = path
+                else:
+                    out["update"].append(path)
+            else:
+                out["replace" if self.ids_by_path.get(path) else "add"].append(path)
+            if it.error is None:
+                seen.setdefault(it.id, path)
 
     def _video_report(self, plan: Plan, report: IndexReport) -> None:
         """``report.video`` when the source lists videos: the bounds used, and what was done."""
@@ -248,7 +341,7 @@ class Indexer:
 
     def _encode_images(self, todo: list[Record], report: IndexReport, bar: Any) -> None:
         store = self.store
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # id -> the first path with that content in this run
         for items, emb, toks in self.encode_batches(
             self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
             with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
@@ -256,7 +349,7 @@ class Indexer:
             failpoints.hit("batch_decoded")
             new_rows, refresh, stale, j = [], [], set(), 0
             for it in items:
-                rec = todo[it.pos]
+                rec = _with_file_meta(todo[it.pos], it)
                 vec = None
                 if it.decoded:  # embeddings are packed in the order of decoded items
                     vec, j = j, j + 1
@@ -266,19 +359,21 @@ class Indexer:
                 # whatever else this path held is stale now (its file changed, or a crash left it twice)
                 stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
                 if it.id in seen:
-                    report.duplicates += 1  # the same content twice in this run
+                    report.add_duplicate(it.path, seen[it.id])  # the same content twice in this run
                 elif it.known:
                     self._known(rec, it.id, refresh, report)
                 else:
                     new_rows.append(_row(rec, it, emb[vec]))
                     if self.tokens is not None:
                         self.tokens.add(it.id, toks[vec])
-                seen.add(it.id)
+                seen.setdefault(it.id, it.path)
+            self._read_text(new_rows)
             self._add_text_vectors(new_rows)
             if self.tokens is not None:
                 self.tokens.commit()  # (1) tokens before rows
             failpoints.hit("after_tokens")
             store.upsert(new_rows)
+            report.indexed += len(new_rows)  # counted as soon as they land: a Ctrl-C says so
             failpoints.hit("after_upsert")
             if refresh:
                 self._refresh(refresh)
@@ -288,7 +383,6 @@ class Indexer:
             for r in new_rows:
                 self.rows[r["id"]] = r
                 self.ids_by_path[r["path"]].add(r["id"])
-            report.indexed += len(new_rows)
             bar.update(len(items))
             if self.on_progress is not None:
                 self.on_progress(len(items))
@@ -299,12 +393,13 @@ class Indexer:
         from .stages.videos import encode_videos
 
         store = self.store
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # id -> the first path with that content in this run
         known = frozenset(m for m in self.media if self._complete(m))
         for ev in encode_videos(self.encoder, [str(r.path) for r in todo], self.video, known_ids=known,
                                 with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side):
             failpoints.hit("video_decoded")
-            it, rec = ev.item, todo[ev.item.pos]
+            it = ev.item
+            rec = _with_file_meta(todo[it.pos], it)
             bar.update(1)
             if self.on_progress is not None:
                 self.on_progress(1)
@@ -312,9 +407,9 @@ class Indexer:
                 report.failed.append(Failure(it.path, it.error))
                 continue
             if it.id in seen:
-                report.duplicates += 1
+                report.add_duplicate(it.path, seen[it.id])
                 continue
-            seen.add(it.id)
+            seen[it.id] = it.path
             if it.known:
                 new_ids = self._known_video(rec, it.id, report)
                 if new_ids is None:
@@ -327,13 +422,13 @@ class Indexer:
                     self.tokens.commit()  # (1) tokens before rows
                 failpoints.hit("after_tokens")
                 store.upsert(rows)  # all of the video's segments in one write
+                report.indexed += len(rows)
                 failpoints.hit("after_upsert")
                 new_ids = {r["id"] for r in rows}
                 for r in rows:
                     self.rows[r["id"]] = r
                     self.ids_by_path[r["path"]].add(r["id"])
                     self.media[it.id].add(r["id"])
-                report.indexed += len(rows)
                 self.video_counts["indexed_videos"] += 1
                 self.video_counts["segments"] += len(rows)
                 self.video_counts["frames"] += ev.frames
@@ -362,7 +457,7 @@ class Indexer:
         path = str(rec.path)
         stored = self.rows[next(iter(ids))]["path"]
         if stored != path and Path(stored).exists():
-            report.duplicates += 1
+            report.add_duplicate(path, stored)
             return None
         if stored != path:
             report.moved += 1
@@ -379,6 +474,38 @@ class Indexer:
             self.ids_by_path[path].add(r["id"])
             self.rows[r["id"]] = {**self.rows[r["id"]], **r}
         return ids
+
+    def _read_text(self, rows: list[dict[str, Any]], stored: dict[str, Any] | None = None) -> None:
+        """With OCR on, each image row gets its text under ``metadata["ocr"]``, and where it has
+        no caption or text of its own, that text becomes what its text vector embeds (searched
+        by meaning like a caption). ``stored``: id -> the text already read (a rewritten row
+        keeps it, whether OCR is on or not: it is not read again)."""
+        from .ocr import OCR_KEY
+
+        stats = self._ocr_stats
+        for r in rows:
+            found = (stored or {}).get(r["id"])
+            if found is None and self.ocr is not None and r.get("has_image", True):
+                t = time.perf_counter()
+                result, why = self.ocr.read_file(r["path"], self.encoder.max_pixels)
+                stats["seconds"] += time.perf_counter() - t
+                if why is not None:
+                    stats["failed"].append(Failure(r["path"], why))
+                    continue
+                found = result.to_metadata()
+                stats["read"] += 1
+                stats["with_text"] += bool(found["text"])
+            if found is not None:
+                r["metadata"] = {**(r.get("metadata") or {}), OCR_KEY: found}
+                if not r.get("_text") and found["text"]:
+                    r["_text"] = found["text"]
+
+    def _ocr_report(self, report: IndexReport) -> None:
+        """``report.ocr`` of a run with OCR on (files it failed on are listed there, and indexed)."""
+        if self.ocr is not None:
+            s = self._ocr_stats
+            report.ocr = {"read": s["read"], "with_text": s["with_text"], "seconds": round(s["seconds"], 3),
+                          "failed": [{"path": f.path, "error": f.error} for f in s["failed"]]}
 
     def _add_text_vectors(self, rows: list[dict[str, Any]]) -> None:
         """Rows whose record has text get that text's embedding from the same encoder."""
@@ -413,7 +540,7 @@ class Indexer:
         same file with a new mtime/caption/metadata (row rewritten, vector kept)."""
         path, stored = str(rec.path), self.rows[item_id]["path"]
         if stored != path and Path(stored).exists():
-            report.duplicates += 1
+            report.add_duplicate(path, stored)
             return
         if stored != path:
             report.moved += 1
@@ -426,15 +553,20 @@ class Indexer:
 
     def _refresh(self, refresh: list[tuple[str, Record]]) -> None:
         store = self.store
-        stored = {r["id"]: r for r in store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash"])}
+        stored = {r["id"]: r for r in store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash", "metadata"])}
         rows = []
         for item_id, rec in refresh:
             old = stored.get(item_id)
             if old is not None:
                 size, mtime = _stat(rec.path)
                 rows.append({"id": item_id, "vector": old["vector"], "path": str(rec.path), "content_hash": old["content_hash"],
-                             "caption": rec.caption, "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime,
+                             "caption": rec.caption, "metadata": _kept_phash(rec.metadata, old.get("metadata")),
+                             "file_size": size, "mtime_ns": mtime,
                              "_text": rec.embed_text})
+        from .ocr import OCR_KEY
+
+        read = {i: m[OCR_KEY] for i, r in stored.items() if OCR_KEY in (m := r.get("metadata") or {})}
+        self._read_text(rows, read)  # the text read before is kept (with OCR on, read now if never read)
         self._add_text_vectors(rows)  # the text may have changed: embed it again (cheap)
         store.upsert(rows)
 
@@ -459,6 +591,13 @@ class Indexer:
             cache = open_existing(path)
             cache.keep_only(self.rows)
             cache.close()
+
+
+def _no_pixels(image: Any) -> Any:
+    """A dry run's video frame transform: frames are decoded and sampled, nothing is kept."""
+    import torch
+
+    return torch.zeros(1)
 
 
 def _bad_path(path: str) -> str | None:
@@ -491,13 +630,35 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 def _unchanged(rec: Record, row: dict[str, Any]) -> bool:
-    """Same size, mtime, caption and metadata as stored: nothing to read or write."""
+    """Same size, mtime, caption and metadata as stored (the source's own fields, the rest read
+    from the file: a row without ``taken`` predates file metadata and is read once more, so an
+    older collection gets it on its next sync): nothing to read or write."""
     size, mtime = _stat(rec.path)
+    stored = row.get("metadata") or {}
     return (
         size > 0 and size == row.get("file_size") and mtime == row.get("mtime_ns")
         and (rec.caption or "") == (row.get("caption") or "")
-        and (rec.metadata or {}) == (row.get("metadata") or {})
+        and "taken" in stored and same_metadata(rec.metadata, stored)
     )
+
+
+def _with_file_meta(rec: Record, item: Any) -> Record:
+    """``rec`` with what its file says about itself (read by the decoding worker, ``item.meta``)
+    under its own metadata, which wins; ``taken`` from the file's time when the file has none."""
+    if not item.id:  # unreadable: nothing to store
+        return rec
+    found = dict(getattr(item, "meta", None) or {})
+    if "taken" not in found:
+        found.update(file_time(_stat(rec.path)[1]))
+    return replace(rec, metadata=merged(found, rec.metadata))
+
+
+def _kept_phash(meta: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """A rewritten row's metadata keeps its stored perceptual hash (same content, same hash: an
+    already indexed file is not decoded again, so its header alone can't give it)."""
+    if stored and PHASH_KEY in stored and PHASH_KEY not in (meta or {}):
+        return {**(meta or {}), PHASH_KEY: stored[PHASH_KEY]}
+    return meta
 
 
 def _row(rec: Record, it: Any, vector: Any) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class Pipeline:
         reranker: Reranker | str | dict[str, Any] | None = None,
         cache_tokens: bool = True,
         video: VideoConfig | dict[str, Any] | None = None,
+        ocr: bool | None = None,
     ):
         if config is None:
             config = PipelineConfig()
@@ -110,6 +111,8 @@ class Pipeline:
         # how index runs sample and segment videos (a dict: VideoConfig fields, None values ignored)
         self.video = video if isinstance(video, VideoConfig) else config_from_dict(
             VideoConfig, prune_none(video or {}), where="video config")
+        # index and sync runs read the text in images (None: the config's [index] ocr)
+        self.ocr = config.index.ocr if ocr is None else bool(ocr)
         self._bound = False  # the reranker was given the encoder and store
         self._forget_collection()
 
@@ -198,7 +201,8 @@ class Pipeline:
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None,
               on_progress: Callable[[int], None] | None = None, text_columns: list[str] | None = None,
-              bulk_import: BulkImport | None = None, ray: str | None = None, ray_actors: int | None = None) -> IndexReport:
+              bulk_import: BulkImport | None = None, ray: str | None = None, ray_actors: int | None = None,
+              ocr: bool | None = None) -> IndexReport:
         """Embed and store every image of a folder or table. Idempotent and crash-safe: ids derive
         from content, so re-running adds nothing, a changed file replaces its old entry, a moved
         file keeps its id, and a killed run resumes where it stopped (see :mod:`.indexing`).
@@ -206,37 +210,60 @@ class Pipeline:
         bulk import (Parquet files, then one import job at the end: :mod:`.stages.stores.milvus_bulk`).
         ``ray``: decode and encode on a pool of Ray actors (:mod:`.distributed`; "" or "local" starts
         a local Ray instance, "auto" or "ray://host:port" joins a cluster), ``ray_actors`` of them;
-        every write still goes through this process. The report then has a ``ray`` section."""
+        every write still goes through this process. The report then has a ``ray`` section.
+        ``ocr``: read the text in each image (default: :attr:`ocr`), also in the images already
+        indexed without it (:mod:`.ocr`); the report then has an ``ocr`` section."""
         src = open_source(source, text_columns=text_columns)
+        src.check()  # e.g. a table without a 'path' column: said before any model loads
+        self._check_model()
+        reader = self._ocr_reader(ocr)
         cluster = _connect_ray(ray, ray_actors)
         try:
             return self._index(src, progress=progress, on_progress=on_progress, bulk_import=bulk_import,
-                               cluster=cluster, ray_actors=ray_actors)
+                               cluster=cluster, ray_actors=ray_actors, reader=reader)
         finally:
             if cluster is not None:
                 cluster.close()
 
     def _index(self, src: Source, *, progress: bool | None, on_progress: Callable[[int], None] | None,
-               bulk_import: BulkImport | None, cluster: Any, ray_actors: int | None) -> IndexReport:
+               bulk_import: BulkImport | None, cluster: Any, ray_actors: int | None, reader: Any = None) -> IndexReport:
         store = self.store if bulk_import is None else bulk_import.wrap(self.store, progress=progress)  # refuses Lite, a loaded collection
-        if self.store.exists():  # a wrong model fails before it is downloaded
-            self.store.check_compatible(self.encoder.info())
         self.encoder.warm_up()  # a model that can't load fails before a token cache file is created
         existed = self.store.exists()
+        failed = True
         try:
             extra = self._on_ray(cluster, ray_actors)
             indexer = Indexer(self.encoder, store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
-                              on_progress=on_progress, video=self.video, **extra)
+                              on_progress=on_progress, video=self.video, ocr=reader, **extra)
             report = indexer.run(src)
             if cluster is not None:
                 report.ray = extra["encode_batches"].describe()
+            failed = False
             return report
         finally:
             if store is not self.store:
                 store.close()  # a bulk import that never reached its end: remove its partial files
             self._forget_collection()
+            if not existed and failed:
+                _drop_if_empty(self.store)
             if not existed and not self.store.exists():  # nothing indexed: leave no token cache behind
                 _remove_cache_dir(self.store.cache_dir())
+
+    def _ocr_reader(self, ocr: bool | None) -> Any:
+        """The OCR reader of a run (loaded now: a missing package fails before any encoding), or None."""
+        if not (self.ocr if ocr is None else ocr):
+            return None
+        from .ocr import shared_reader
+
+        reader = shared_reader()
+        reader.warm_up()
+        return reader
+
+    def _check_model(self) -> None:
+        """A collection built by another model is refused before that model (or torch) is
+        imported, loaded or downloaded, and before decoding workers start."""
+        if self.store.exists():
+            self.store.check_compatible(self.encoder.cheap_info())
 
     def _on_ray(self, cluster: Any, ray_actors: int | None) -> dict[str, Any]:
         """The Indexer's ``encode_batches`` on ``cluster`` (none: {}, encoding in this process);
@@ -245,7 +272,7 @@ class Pipeline:
             return {}
         from .distributed import RayEncodeBatches, stage_spec
 
-        lite = getattr(self.store, "local_path", None)
+        lite = self.store.local_path
         if lite is not None:  # said, not refused: one writer is what Milvus Lite needs
             log.warning("--ray with the Milvus Lite file %s: the Ray actors only decode and encode; this process "
                         "writes every batch (Milvus Lite admits one process)", lite)
@@ -254,30 +281,38 @@ class Pipeline:
                                                    side_spec=None if side is None else stage_spec(self.reranker))}
 
     def sync(self, source: str | Path | Source, *, dry_run: bool = False, progress: bool | None = None,
-             ray: str | None = None, ray_actors: int | None = None) -> IndexReport:
+             ray: str | None = None, ray_actors: int | None = None, ocr: bool | None = None) -> IndexReport:
         """Bring the collection in step with a folder or table: add new files, replace changed
         ones, and remove entries (and cached tokens) of files under the source's folder (a
         table's folder, for a table) that are no longer listed. ``dry_run``: only report the
         plan (``report.plan``). ``ray``, ``ray_actors``: as for :meth:`index` (a dry run encodes
-        nothing, so it starts no Ray)."""
+        nothing, so it starts no Ray). ``ocr``: as for :meth:`index`; on a collection indexed
+        without it, reads the text of the images already indexed (they are not encoded again)."""
         src = open_source(source)
+        src.check()
+        self._check_model()
+        reader = self._ocr_reader(ocr)
         scope = Path(source).expanduser().resolve()
         if scope.is_file():
             scope = scope.parent
         cluster = None if dry_run else _connect_ray(ray, ray_actors)
+        existed, failed = self.store.exists(), True
         try:
             tokens = None if dry_run else self.token_writer()  # a dry run creates no cache file
             extra = self._on_ray(cluster, ray_actors)
             indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress,
-                              video=self.video, **extra)
+                              video=self.video, ocr=reader, **extra)
             report = indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
             if cluster is not None:
                 report.ray = extra["encode_batches"].describe()
+            failed = False
             return report
         finally:
             self._forget_collection()
             if cluster is not None:
                 cluster.close()
+            if not existed and failed:  # as for index: a failed first sync leaves no empty collection
+                _drop_if_empty(self.store)
 
     # ---- searching -------------------------------------------------------------------------
     @property
@@ -301,6 +336,9 @@ class Pipeline:
         rerank: bool | None = None,
         offset: int = 0,
         group_by_video: bool | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
+        collapse_duplicates: bool = False,
     ) -> SearchResult:
         """Search by text (``query``) or by image (``image``: a path, URL or bytes; or ``image_id``:
         an indexed item), against image vectors (``mode="image"``), the items' text vectors
@@ -312,13 +350,20 @@ class Pipeline:
         and applies (a text query against images: image and hybrid modes); True asks for it and
         raises InputError naming why when it can't be done; False never reranks
         (``result.reranked`` says which). ``offset`` skips that many hits (paging).
-        ``group_by_video`` (None: on) keeps each video's best segment only. The flow itself is
-        :mod:`mm_retrieval.search`.
+        ``group_by_video`` (None: on) keeps each video's best segment only. ``min_score``: every
+        hit whose first-stage similarity is above it (Milvus' range search), at most ``k`` (default
+        1000) instead of a fixed top ``k``; thresholds are model-specific. ``sort``: order the hits
+        by a metadata field (``"-taken"``: newest first; comma-separated for several; ``score``
+        too). ``collapse_duplicates``: one hit per group of near-duplicates (re-saved, resized, cropped
+        or turned copies of one photo, as ``mmr duplicates`` groups them), its best-ranked. The flow
+        itself is :mod:`mm_retrieval.search`.
         """
         kind = query_kind(query, image, image_id)
         text = validate_query(query) if query is not None else None
         plan = plan_search(self.config.search, kind=kind, has_reranker=self.config.reranker is not None, mode=mode, k=k,
-                           candidates=candidates, offset=offset, filter=filter, rerank=rerank, group_by_video=group_by_video)
+                           candidates=candidates, offset=offset, filter=filter, rerank=rerank, group_by_video=group_by_video,
+                           min_score=min_score, sort=sort, collapse_duplicates=collapse_duplicates)
+        self.collection_facts.precheck(self.encoder, plan.filter)  # before the reranker, or any model, loads
         return run_search(plan, store=self.store, encoder=self.encoder, reranker=self.reranker if plan.rerank else None,
                           facts=self.collection_facts, text=text, image=image, image_id=image_id)
 
@@ -335,6 +380,22 @@ def _connect_ray(ray: str | None, ray_actors: int | None) -> Any:
     from .distributed import connect
 
     return connect(ray)
+
+
+def _drop_if_empty(store: Store) -> None:
+    """Drop the collection a failed (or interrupted) index run created if nothing landed in it:
+    an empty collection would be taken for an indexed one (searches find nothing, the next run
+    trusts its encoder). Not while another run holds the collection's write lock: it may be about to
+    write there. Best effort: the run's own error is the one to report."""
+    from .locks import CollectionLock
+
+    try:
+        if store.exists() and store.count() == 0:
+            with CollectionLock(store.cache_dir(), store.name):
+                if store.count() == 0:
+                    store.drop()
+    except Exception as e:  # noqa: BLE001 (the original exception is propagating)
+        log.warning("left the collection %r this failed run created (empty) in place: %s", store.name, e)
 
 
 def _remove_cache_dir(directory: Path) -> None:

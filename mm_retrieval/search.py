@@ -30,6 +30,8 @@ steps; only *how* the models run differs (the server batches its device work):
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,9 +55,14 @@ __all__ = [
 ]
 
 MAX_CANDIDATES = 16384  # Milvus' top-k limit
+MIN_SCORE_K = 1000  # with --min-score and no --k: "every hit above X" is capped here
+COLLAPSE_FETCH = 3  # --collapse-duplicates fetches this many first-stage hits per hit shown
+HIT_SORT_FIELDS = ("score", "retrieval_score", "path", "caption")  # --sort keys that are a hit's own; others are metadata
+_SORT_KEY = re.compile(r"^-?[A-Za-z_][A-Za-z0-9_.]*$")
 MAX_IMAGE_QUERY_BYTES = 20 * 1024 * 1024
-MODES = ("auto", "image", "text", "hybrid")
+MODES = ("auto", "image", "text", "hybrid", "ocr")
 TEXT, IMAGE = "text", "image"
+OCR = "ocr"  # the words read in images (mm_retrieval.ocr): no model, no vectors
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ class SearchPlan:
     rerank: bool
     options: SearchConfig
     group_by_video: bool = True  # one hit per video (its best segment)
+    min_score: float | None = None  # range search: every first-stage hit scoring above this (at most top)
+    sort: tuple[str, ...] = ()  # order of the hits: fields, "-" first for descending (see sort_hits)
+    collapse_duplicates: bool = False  # near-duplicates of a better hit dropped (see collapse_duplicates)
 
     @property
     def top(self) -> int:
@@ -84,8 +94,16 @@ class SearchPlan:
 
     @property
     def depth(self) -> int:
-        """First-stage hits to fetch: the reranker orders the top ``max(candidates, offset + k)``."""
-        return max(self.candidates, self.top) if self.rerank else self.top
+        """First-stage hits to fetch: the reranker orders the top ``max(candidates, offset + k)``;
+        with ``min_score``, every hit above it up to :data:`MIN_SCORE_K` (the set that ``sort``
+        orders and ``offset``/``k`` page through, so pages of a sorted cutoff agree)."""
+        if self.rerank:
+            depth = max(self.candidates, self.top)
+        else:
+            depth = max(self.top, MIN_SCORE_K) if self.min_score is not None else self.top
+        if self.collapse_duplicates:  # room for the copies that are dropped
+            depth = min(MAX_CANDIDATES, max(depth, self.top * COLLAPSE_FETCH))
+        return depth
 
 
 def query_kind(query: Any, image: Any, image_id: Any) -> str:
@@ -97,11 +115,20 @@ def query_kind(query: Any, image: Any, image_id: Any) -> str:
 
 def plan_search(defaults: SearchConfig, *, kind: str, has_reranker: bool, mode: str | None = None, k: int | None = None,
                 candidates: int | None = None, offset: int = 0, filter: str = "", rerank: bool | None = None,
-                group_by_video: bool | None = None) -> SearchPlan:
+                group_by_video: bool | None = None, min_score: float | None = None, sort: str | None = None,
+                collapse_duplicates: bool = False) -> SearchPlan:
     """Check a search's options against ``defaults`` (the pipeline's ``[search]``) and decide
     whether it reranks. ``None`` means "the default" (``group_by_video``: on). Raises
     :class:`InputError` naming what is wrong, including an explicit ``rerank=True`` that cannot
-    be honoured."""
+    be honoured. ``min_score``: every hit above it, up to ``k`` (default :data:`MIN_SCORE_K`);
+    ``sort``: comma-separated fields to order the hits by (:func:`sort_hits`); ``collapse_duplicates``:
+    one hit per group of near-duplicates (:func:`collapse_duplicates`)."""
+    if min_score is not None:
+        if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not math.isfinite(min_score):
+            raise InputError(f"--min-score must be a finite number (a similarity, e.g. 0.25), got {min_score!r}")
+        if k is None:
+            k = MIN_SCORE_K
+    keys = parse_sort(sort)
     opts = config_from_dict(SearchConfig, {**vars(defaults), **prune_none({"k": k, "candidates": candidates, "mode": mode})},
                             where="search options")
     if opts.mode not in MODES:
@@ -117,7 +144,41 @@ def plan_search(defaults: SearchConfig, *, kind: str, has_reranker: bool, mode: 
         raise InputError(f"reranking was asked for, but {why_not}")
     reranks = why_not is None and (rerank if rerank is not None else bool(opts.rerank))
     return SearchPlan(kind=kind, mode=opts.mode, k=opts.k, offset=offset, candidates=opts.candidates, filter=filter,
-                      rerank=reranks, options=opts, group_by_video=True if group_by_video is None else bool(group_by_video))
+                      rerank=reranks, options=opts, group_by_video=True if group_by_video is None else bool(group_by_video),
+                      min_score=None if min_score is None else float(min_score), sort=keys,
+                      collapse_duplicates=bool(collapse_duplicates))
+
+
+def parse_sort(sort: str | None) -> tuple[str, ...]:
+    """``"-taken,score"`` -> ``("-taken", "score")``; InputError for a malformed field name."""
+    keys = tuple(part.strip() for part in (sort or "").split(",") if part.strip())
+    bad = [key for key in keys if not _SORT_KEY.match(key)]
+    if bad:
+        raise InputError(f"--sort {sort!r}: {', '.join(map(repr, bad))} is not a field name; give a metadata field or "
+                         f"{', '.join(HIT_SORT_FIELDS)}, with '-' first for descending, e.g. --sort -taken")
+    return keys
+
+
+def sort_hits(hits: Sequence[Hit], keys: Sequence[str]) -> list[Hit]:
+    """``hits`` ordered by ``keys`` (a hit's own ``score``/``retrieval_score``/``path``/``caption``,
+    else a metadata field; ``-`` first: descending). Stable, so equal values keep the relevance
+    order; hits without the field come last either way, and values of different types (a number
+    and a string) order numbers first. A hit's ``rank`` stays its relevance rank."""
+    out = list(hits)
+    for key in reversed(keys):
+        desc, name = key.startswith("-"), key.lstrip("-")
+
+        def value(h: Hit, name: str = name) -> Any:
+            return getattr(h, name) if name in HIT_SORT_FIELDS else h.metadata.get(name) if isinstance(h.metadata, dict) else None
+
+        present = [h for h in out if value(h) is not None]
+        missing = [h for h in out if value(h) is None]
+        numbers = [h for h in present if isinstance(value(h), (int, float)) and not isinstance(value(h), bool)]
+        others = [h for h in present if not (isinstance(value(h), (int, float)) and not isinstance(value(h), bool))]
+        numbers.sort(key=value, reverse=desc)
+        others.sort(key=lambda h: str(value(h)), reverse=desc)
+        out = numbers + others + missing
+    return out
 
 
 def _why_not_reranked(kind: str, mode: str, has_reranker: bool) -> str | None:
@@ -129,6 +190,8 @@ def _why_not_reranked(kind: str, mode: str, has_reranker: bool) -> str | None:
         return "image queries are not reranked (the reranker scores a text query against images); leave reranking off"
     if mode == TEXT:
         return "--mode text is not reranked (its candidates are found by their text vectors; the reranker scores images); use --mode image or hybrid, or leave reranking off"
+    if mode == OCR:
+        return "--mode ocr is not reranked (it finds the words read in images, not what they show); use --mode image or hybrid, or leave reranking off"
     return None
 
 
@@ -140,15 +203,24 @@ class CollectionFacts:
 
     def __init__(self, store: Store):
         self.store = store
-        self.checked = False
+        self.prechecked = False  # exists, fits the encoder (no model loaded)
+        self.checked = False  # and the encoder is warm
         self._has_text: bool | None = None
 
-    def check(self, encoder: Encoder) -> None:
-        """The collection exists and fits ``encoder`` (both asked before loading a model), and
-        ``encoder`` is warmed up here: model loading is not part of a query's timings."""
-        if not self.checked:
+    def precheck(self, encoder: Encoder, filter: str = "") -> None:
+        """The collection exists, fits ``encoder`` and accepts ``filter``: asked once, before any
+        model is imported or loaded, so that these errors come within a second (later searches
+        report a bad filter themselves)."""
+        if not self.prechecked:
             self.store.require()
-            self.store.check_compatible(encoder.info())  # before loading (or downloading) a model
+            self.store.check_compatible(encoder.cheap_info())
+            self.store.check_filter(filter)
+            self.prechecked = True
+
+    def check(self, encoder: Encoder, filter: str = "") -> None:
+        """:meth:`precheck`, then ``encoder`` is warmed up here: model loading is not part of a
+        query's timings."""
+        self.precheck(encoder, filter)
         encoder.warm_up()
         self.checked = True
 
@@ -246,10 +318,39 @@ def first_stage(store: Store, plan: SearchPlan, mode: str, vectors: np.ndarray, 
     limit = plan.depth if depth is None else depth
     vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(vectors)[-1])
     if mode != "hybrid":
-        return store.search(vectors, limit, plan.filter, mode=mode, **_grouping(store.search, plan))
+        found = store.search(vectors, limit, plan.filter, mode=mode, **_grouping(store.search, plan), **_ranged(store.search, plan))
+        return [_above(hits, plan, store.search) for hits in found]
     o = plan.options
-    return [store.hybrid_search(v, limit, plan.filter, ranker=o.hybrid_ranker, weights=tuple(o.hybrid_weights), rrf_k=o.rrf_k,
-                                images_only=plan.rerank, **_grouping(store.hybrid_search, plan)) for v in vectors]
+    return [_above(store.hybrid_search(v, limit, plan.filter, ranker=o.hybrid_ranker, weights=tuple(o.hybrid_weights), rrf_k=o.rrf_k,
+                                       images_only=plan.rerank, **_grouping(store.hybrid_search, plan),
+                                       **_ranged(store.hybrid_search, plan)), plan, store.hybrid_search) for v in vectors]
+
+
+def _takes(method: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _ranged(method: Any, plan: SearchPlan) -> dict[str, Any]:
+    """``min_score`` for a store method that range-searches (Milvus); see :func:`_above`."""
+    return {"min_score": plan.min_score} if plan.min_score is not None and _takes(method, "min_score") else {}
+
+
+def _above(hits: list[Hit], plan: SearchPlan, method: Any) -> list[Hit]:
+    """A store without range search (a third-party one): its top hits cut at ``min_score`` here
+    (a similarity: in hybrid mode the image or the text one, as Milvus' legs do)."""
+    if plan.min_score is None or _takes(method, "min_score"):
+        return hits
+
+    def best(h: Hit) -> float:
+        sims = [s for s in (h.image_score, h.text_score) if s is not None]
+        return max(sims) if sims else h.retrieval_score
+
+    return [h for h in hits if best(h) > plan.min_score]
 
 
 def _grouping(method: Any, plan: SearchPlan) -> dict[str, Any]:
@@ -265,6 +366,24 @@ def _grouping(method: Any, plan: SearchPlan) -> dict[str, Any]:
     return {"group_by_media": plan.group_by_video} if takes else {}
 
 
+def collapse_duplicates(store: Store, hits: Sequence[Hit]) -> list[Hit]:
+    """``hits`` with each near-duplicate of a better-ranked hit dropped (the pair rule of
+    :func:`mm_retrieval.neardup.same_photo`: image vectors and perceptual hashes both close), ranks
+    renumbered. Items without a stored hash are never dropped (``mmr duplicates --backfill``)."""
+    from dataclasses import replace
+
+    from .neardup import PHASH_KEY, collapse
+
+    images = [h for h in hits if h.has_image and h.video_id is None]
+    if len(images) < 2:
+        return list(hits)
+    rows = store.get([h.id for h in images], ["vector", "metadata"])
+    vectors = {r["id"]: r["vector"] for r in rows}
+    hashes = {r["id"]: (r.get("metadata") or {}).get(PHASH_KEY) for r in rows}
+    kept = collapse(list(hits), lambda h: h.id, vectors, hashes)
+    return [replace(h, rank=i + 1) for i, h in enumerate(kept)]
+
+
 def rerank(plan: SearchPlan, mode: str, reranker: Reranker, query: Query, hits: Sequence[Hit]) -> list[Hit]:
     """The reranker's scores for ``hits`` (the query already encoded), ordered or fused by
     :func:`apply_rerank_scores`; the top :attr:`SearchPlan.top` are kept."""
@@ -278,9 +397,13 @@ def rerank(plan: SearchPlan, mode: str, reranker: Reranker, query: Query, hits: 
 
 def finish(plan: SearchPlan, mode: str, hits: Sequence[Hit], timings: "Timings", label: str) -> SearchResult:
     """The page ``offset + 1 .. offset + k`` of the ranked ``hits`` (ranks stay those of the
-    whole list), as a SearchResult."""
-    return SearchResult(query=label, hits=list(hits[: plan.top])[plan.offset:], timings_ms=timings.done(),
-                        reranked=plan.rerank, mode=mode)
+    whole list) as a SearchResult. With ``plan.sort`` the page is cut from the hits in that
+    order: all that were fetched (with ``min_score``: every hit above it), else the top
+    ``offset + k``."""
+    pool = list(hits) if plan.min_score is not None else list(hits[: plan.top])
+    if plan.sort:
+        pool = sort_hits(pool, plan.sort)
+    return SearchResult(query=label, hits=pool[plan.offset : plan.top], timings_ms=timings.done(), reranked=plan.rerank, mode=mode)
 
 
 class Timings:
@@ -307,7 +430,9 @@ def run_search(plan: SearchPlan, *, store: Store, encoder: Encoder, reranker: Re
                text: str | None = None, image: str | Path | bytes | None = None, image_id: str | None = None) -> SearchResult:
     """Run a planned search with the stages in this process (``reranker`` is used only when
     ``plan.rerank``). The query is exactly one of ``text`` (validated), ``image`` or ``image_id``."""
-    facts.check(encoder)
+    if plan.mode == OCR:
+        return search_words(plan, store=store, encoder=encoder, facts=facts, text=text, label=query_label(text, image, image_id))
+    facts.check(encoder, plan.filter)
     mode = resolve_mode(plan, facts)
     if plan.rerank:
         if reranker is None:
@@ -325,7 +450,26 @@ def run_search(plan: SearchPlan, *, store: Store, encoder: Encoder, reranker: Re
             vector = encode_image_query(encoder, image)
     with timings.step("search"):
         hits = first_stage(store, plan, mode, vector[None])[0]
+        if plan.collapse_duplicates:
+            hits = collapse_duplicates(store, hits)
     with timings.step("rerank"):
         if plan.rerank:
             hits = rerank(plan, mode, reranker, query, hits)
     return finish(plan, mode, hits, timings, query_label(text, image, image_id))
+
+
+def search_words(plan: SearchPlan, *, store: Store, encoder: Encoder, facts: CollectionFacts, text: str | None,
+                  label: str) -> SearchResult:
+    """``--mode ocr``: the items whose text read from their images holds the query's words
+    (:func:`mm_retrieval.ocr.ocr_search`); no model is loaded."""
+    from .ocr import ocr_search
+
+    if text is None:
+        raise InputError("--mode ocr searches the words read in images: give a text query (image queries use --mode image)")
+    facts.precheck(encoder, plan.filter)
+    timings = Timings()
+    with timings.step("search"):
+        hits = ocr_search(store, text, plan.depth, plan.filter)
+        if plan.collapse_duplicates:
+            hits = collapse_duplicates(store, hits)
+    return finish(plan, OCR, hits, timings, label)

@@ -44,9 +44,41 @@ def read_table(path: str | Path):
         raise
     except Exception as e:
         raise InputError(f"cannot read table {p}: {type(e).__name__}: {e}") from e
-    if "path" not in df.columns:
-        raise InputError(f"table {p} has no 'path' column (columns: {', '.join(map(str, df.columns))}); add one with each image's file path")
+    _require_path_column(p, df.columns)
     return df
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """A table's column names, read from its header (a .parquet file's schema, a .jsonl file's
+    first row) with the errors of :func:`read_table`, 'path' missing included: an index run
+    checks its table with it before loading any model."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"table not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_EXTENSIONS:
+        return list(read_table(p).columns)  # its own error
+    try:
+        if suffix == ".csv":
+            columns = pd.read_csv(p, nrows=0).columns
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(p).names
+        else:
+            columns = pd.read_json(p, lines=True, nrows=1).columns
+    except Exception as e:
+        raise InputError(f"cannot read table {p}: {type(e).__name__}: {e}") from e
+    columns = [str(c) for c in columns]
+    _require_path_column(p, columns)
+    return columns
+
+
+def _require_path_column(p: Path, columns: Any) -> None:
+    if "path" not in columns:
+        raise InputError(f"table {p} has no 'path' column (columns: {', '.join(map(str, columns))}); add one with each image's file path")
 
 
 def parquet_shards(folder: str | Path) -> list[Path]:

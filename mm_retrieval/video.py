@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from .decode import DecodeError, identify, item_id, read_or_reason
 from .errors import ConfigError
+from .media_meta import video_meta
 
 DEFAULT_MAX_VIDEO_BYTES = 8 * 1024**3
 _READ_CHUNK = 1 << 20
@@ -85,6 +86,7 @@ class SampledVideo:
     duration: float
     interval: float
     truncated: bool = False  # an unknown-length stream was cut at max_seconds
+    meta: dict[str, Any] = field(default_factory=dict)  # what the container says (media_meta.video_meta)
 
 
 def open_regular(path: str | Path, max_bytes: int) -> int:
@@ -134,6 +136,7 @@ def sample_frames(path: str | Path, transform: Callable[[Any], Any], cfg: VideoC
         if w and h and w * h > cfg.max_pixels:
             raise DecodeError(f"video frames too large: {w}x{h} (limit {cfg.max_pixels:,} pixels)")
         declared = _declared_duration(container, stream)
+        meta = video_meta(container, stream, declared)
         if declared is not None and declared > cfg.max_seconds:
             raise DecodeError(f"video too long: {declared:.0f} s (limit {cfg.max_seconds:.0f} s; raise the video max_seconds)")
         interval = 1.0 / cfg.fps
@@ -182,7 +185,7 @@ def sample_frames(path: str | Path, transform: Callable[[Any], Any], cfg: VideoC
         end = (last_t or 0.0) + interval if declared is None else declared
         if declared is not None and last_t is not None and declared > 2.0 and last_t + max(2.0, 0.1 * declared) < declared:
             raise DecodeError(f"truncated video: frames end at {last_t:.1f} s of the {declared:.1f} s it declares")
-        return SampledVideo(times=times, frames=frames, duration=float(end), interval=interval, truncated=truncated)
+        return SampledVideo(times=times, frames=frames, duration=float(end), interval=interval, truncated=truncated, meta=meta)
 
 
 def _open_video(path: str | Path) -> Any:
@@ -201,6 +204,18 @@ def _open_video(path: str | Path) -> Any:
         container.close()
         raise DecodeError(f"no video stream ({'only ' + ', '.join(kinds) if kinds else 'no streams'})")
     return container
+
+
+def container_meta(path: str | Path) -> dict[str, Any]:
+    """What a video's container says (:func:`~mm_retrieval.media_meta.video_meta`), its header
+    read without decoding frames; {} when it can't be opened."""
+    try:
+        container = _open_video(path)
+    except Exception:
+        return {}
+    with container:
+        stream = container.streams.video[0]
+        return video_meta(container, stream, _declared_duration(container, stream))
 
 
 def frame_at(path: str | Path, seconds: float, *, side: int | None = None, max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> Any:
@@ -328,6 +343,7 @@ class VideoItem:
     pixels: Any = None
     known: bool = False
     error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # what the container says (media_meta.video_meta)
 
 
 class _Half:
@@ -364,7 +380,10 @@ class VideoFileDataset:
         path = self.paths[pos]
         item = VideoItem(pos, path)
         digest, item.error = read_or_reason(lambda: hash_file(path, self.cfg.max_file_bytes))
-        if item.error is not None or not identify(item, digest, self.known_ids):
+        if item.error is not None:
+            return item
+        if not identify(item, digest, self.known_ids):
+            item.meta = container_meta(path)  # its rows may be rewritten (moved, touched)
             return item
         failpoints.hit("decoding", pid=self.run_pid)
         try:
@@ -383,6 +402,7 @@ class VideoFileDataset:
         else:
             item.pixels = torch.stack(sampled.frames)
         item.times, item.duration, item.interval, item.truncated = sampled.times, sampled.duration, sampled.interval, sampled.truncated
+        item.meta = sampled.meta
         return item
 
 

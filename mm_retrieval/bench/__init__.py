@@ -10,7 +10,19 @@ Suites (one module each):
 * ``video``   -- video decoding (frames/s vs a bare decode), segments per minute vs true scenes, index
   time per hour of video (demo model, ViT-B-32), Milvus grouping search vs grouping in Python;
 * ``scale``   -- indexing images/s in one process vs on Ray with 1 and 2 encoder actors, Ray's
-  overhead per batch, and the rows/s one driver writes (the ceiling of a cluster run).
+  overhead per batch, and the rows/s one driver writes (the ceiling of a cluster run);
+* ``cli``     -- how long `mmr` takes to refuse what it checks before loading a model (a bad filter,
+  a table without 'path', another model than the collection's, a missing collection), each as a new
+  process, vs `mmr --version` and a search that loads the model;
+* ``photos``  -- decode throughput with file metadata (EXIF) on vs off, extraction per file, and the
+  latency from a file copied into a watched folder (`mmr watch`) to it being searchable;
+* ``dupes``   -- `mmr duplicates`: precision/recall of its groups on generated copies of photo-like
+  shots (and distinct shots of the same subject), its time for 10k items, the hash's cost per photo;
+* ``ocr``     -- `--ocr`: recall of an exact word and of a phrase (`--mode ocr`) on made images (signs
+  rendered onto photo-like scenes, screenshots), OCR time per image, index throughput with OCR on vs off;
+* ``probe``   -- per patch, a linear probe's accuracy reading the covering object's colour and shape on
+  held-out compositional scenes, at each depth of the demo encoder (issue 25: where the reranker's
+  memory should come from).
 
 :func:`run_benchmarks` returns one JSON-serialisable document: the machine it ran on, each suite's
 section, and the DESIGN.md section-4 targets judged from them (:mod:`.targets`).
@@ -27,7 +39,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SUITES = ("encode", "search", "rerank", "blip", "quality", "video", "scale")
+SUITES = ("encode", "search", "rerank", "blip", "quality", "video", "scale", "cli", "photos", "dupes", "ocr", "probe")
 
 
 def run_benchmarks(suites: tuple[str, ...] | list[str] = SUITES, *, device: str = "auto", quick: bool = False,

@@ -23,6 +23,14 @@ resolution (the checkpoint's, e.g. 384 px, and a lower one, e.g. 224 px, through
   max score difference, Kendall tau, top-10 overlap (meaningless with random weights: said so).
 * **parity** (CPU, fp32): the stage's ITM logits against transformers'
   ``BlipForImageTextRetrieval(..., use_itm_head=True)`` on a few images.
+* **fold** (the checkpoint's resolution, fp16): the stage's text side with folded cross-attention
+  keys and values against the standard one (every cached token projected in every layer), each
+  rerank of the ``candidates`` timed and set against re-encoding, with its multiply-accumulates
+  per candidate (analytic, :func:`..stages.rerankers.blip_itm.itm.text_macs`) and the rate they
+  ran at; which path the stage picked for the query (``path_used``); and a sweep of query lengths
+  on a few candidates (``break_even``) that finds where folding stops paying on this device.
+* **load**: the 1/5/15-minute load average at the start and the end (a shared CPU's figures
+  drift with it; the CPU-time ratios much less).
 
 Nothing here imports pymilvus or open_clip: it runs on a machine with only torch and transformers.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -65,6 +74,9 @@ class BlipSizes:
     reencode_files: bool = True
     warmup: bool = True  # an untimed call of each path first (pointless for calls of seconds)
     identity_candidates: int = 0  # scores recomputed from re-encoded tokens for the identity check; 0: all
+    sweep_candidates: int = 8  # candidates per point of the folded/standard break-even sweep
+    sweep_tokens: tuple[int, ...] = (8, 16, 32, 48, 64, 96)  # query lengths of the sweep
+    sweep_rounds: int = 2  # after an untimed call of each path; the fastest round counts
     parity_images: int = 4
     min_side: int = 256
     max_side: int = 640
@@ -73,12 +85,12 @@ class BlipSizes:
 def sizes_for(device: str, quick: bool) -> BlipSizes:
     if quick:
         return BlipSizes("tiny", candidates=8, images=12, batch=4, rounds=3, reencode_rounds=2, workers=0, low_res=16,
-                         parity_images=3, min_side=48, max_side=96)
+                         parity_images=3, min_side=48, max_side=96, sweep_tokens=(4, 8, 16))
     if device.startswith("cuda"):
         import os
 
         return BlipSizes("base", candidates=100, images=600, batch=50, rounds=30, reencode_rounds=8,
-                         workers=min(8, max(1, (os.cpu_count() or 2) // 2)), low_res=224)
+                         workers=min(8, max(1, (os.cpu_count() or 2) // 2)), low_res=224, sweep_candidates=100, sweep_rounds=10)
     # CPU: for BLIP-base on 2 cores re-encoding 100 images at 384 px takes minutes and even the
     # cached path 15-25 s (the text side projects every cached token to keys and values in each of its
     # 12 cross-attention layers), so each path is timed once; decoding stays in-process (the
@@ -107,8 +119,10 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
     from .blip_index import first_stage, index_files
     from .blip_model import random_checkpoint
 
+    load_start = os.getloadavg()
     sizes = sizes or sizes_for(device, quick)
-    ckpt = checkpoint or str(random_checkpoint(workdir / f"blip-random-{sizes.model}", sizes.model))
+    # (-h12: the base model's text side has BLIP's 12 heads; an older workdir holds an 8-head one)
+    ckpt = checkpoint or str(random_checkpoint(workdir / f"blip-random-{sizes.model}{'-h12' if sizes.model == 'base' else ''}", sizes.model))
     paths = generate_images(workdir / f"blip-images-{sizes.images}-{sizes.min_side}-{sizes.max_side}", sizes.images,
                             min_side=sizes.min_side, max_side=sizes.max_side, seed=11)
     encoder, first_label = first_stage(device, quick=quick, batch_size=sizes.batch, workers=sizes.workers)
@@ -120,7 +134,7 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
         "device": device,
         "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
         "precision": _precision(device),
-        "checkpoint": checkpoint or f"random BLIP-{sizes.model} ({'BlipConfig() dimensions' if sizes.model == 'base' else 'tiny config'})",
+        "checkpoint": checkpoint or f"random BLIP-{sizes.model} ({'blip-itm-base-coco dimensions' if sizes.model == 'base' else 'tiny config'})",
         "weights": "as loaded from the checkpoint" if checkpoint else RANDOM_NOTE,
         "meaningful_agreement": checkpoint is not None,
         "first_stage": first_label,
@@ -141,25 +155,33 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
     try:
         for res in resolutions:
             stages = {s: BlipItmReranker(checkpoint=ckpt, storage=s, image_size=res, device=device) for s in STORAGES}
-            for stage in stages.values():
+            alt = None
+            if res == native:  # the text side's other cross-attention path, on the same fp16 cache
+                used = stages["fp16"].cross_attention_path(len(stages["fp16"].query_tokens(_query()).ids[0]))
+                other = "standard" if used == "folded" else "folded"
+                alt = BlipItmReranker(checkpoint=ckpt, storage="fp16", image_size=res, device=device, cross_attention=other)
+            for stage in [*stages.values(), *([alt] if alt else [])]:
                 stage.bind(encoder=encoder, store=_CacheFolder(cache_root))
                 stage.warm_up()
-            group = _resolution(stages, encoder, paths, sizes, without)
+            group = _resolution(stages, encoder, paths, sizes, without, alt=alt)
             out["index"][str(res)] = group["index"]
             out["reencode"][str(res)] = group["reencode"]
             out["compute"][str(res)] = _compute(stages["fp16"])
             if res == native:
                 out["parity"] = _parity(stages["fp16"], group["pixels"], sizes, device)
                 reference = group["scores"]["fp16"]
+                out["fold"] = {**group["fold"], "break_even": _break_even(stages["fp16"], sizes, device, group["tokens"])}
             for storage, option in group["options"].items():
                 option[f"agreement_vs_{out['reference']}"] = agreement(reference, group["scores"][storage])
                 out["options"][f"{storage}@{res}"] = option
-            del stages, group
+            del stages, group, alt
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
+    out["load_avg"] = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()],
+                       "what": "1/5/15-minute load average (`uptime`) of this machine at the start and end of the suite"}
     return out
 
 
@@ -175,7 +197,8 @@ def _precision(device: str) -> str:
 # ---- one input resolution: index, bytes, timing, scores ------------------------------------
 
 
-def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: BlipSizes, without: Any) -> dict[str, Any]:
+def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: BlipSizes, without: Any, *,
+                alt: Any = None) -> dict[str, Any]:
     import torch
 
     from ..stages.base import batched
@@ -245,6 +268,8 @@ def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: 
         return call
 
     cached = {f"cached_{s}": keep(s, lambda st=st: st.score(_query(), hits)) for s, st in stages.items()}
+    if alt is not None:  # the other cross-attention path, interleaved with the rest
+        cached["cached_fp16_alt"] = keep("fp16_alt", lambda: alt.score(_query(), hits))
     reads = {f"read_{s}": (lambda st=st: st.cached_tokens(ids)) for s, st in stages.items()}
     reencoders = {"vision_on_pixels": keep("unstored", lambda: reencode(pixels, keep_tokens=True))}
     if sizes.reencode_files:
@@ -309,7 +334,84 @@ def _resolution(stages: dict[str, Any], encoder: Any, paths: list[Path], sizes: 
     }
     log.info("bench blip %d px: cached fp16 %.1f ms, re-encode %.1f ms (%.1f ms with decode)", res,
              options["fp16"]["cached"]["p50_ms"], vision["p50_ms"], with_decode["p50_ms"])
-    return {"index": index, "options": options, "reencode": reencode_report, "scores": {s: last[s] for s in stages}, "pixels": pixels}
+    fold = _fold(main, alt, samples, cpu_s, last, vision, len(ids), device) if alt is not None else None
+    return {"index": index, "options": options, "reencode": reencode_report, "scores": {s: last[s] for s in stages}, "pixels": pixels,
+            "fold": fold, "tokens": tokens}
+
+
+def _fold(main: Any, alt: Any, samples: dict[str, list[float]], cpu_s: dict[str, list[float]], last: dict[str, np.ndarray],
+          vision: dict[str, Any], n: int, device: str) -> dict[str, Any]:
+    """The two cross-attention paths' cached reranks (the stage's pick and the other one, same
+    fp16 cache, interleaved) against re-encoding, with the work each does per candidate."""
+    L = int(main.query_tokens(_query()).ids.shape[1])
+    used, other = main.cross_attention_path(L), alt.config.cross_attention
+    compute = _compute(main)
+    wall = {used: summary(samples["cached_fp16"]), other: summary(samples["cached_fp16_alt"])}
+    cpu = {used: median(cpu_s["cached_fp16"]), other: median(cpu_s["cached_fp16_alt"])}
+    paths = {}
+    for p in (used, other):
+        gmac = compute["text_side_gmac_per_candidate_by_path"][p]
+        paths[p] = {
+            "cached": wall[p],
+            "ms_per_candidate": round(wall[p]["p50_ms"] / n, 3),
+            "text_side_gmac_per_candidate": gmac,
+            "gmac_per_s": round(gmac * n / (wall[p]["p50_ms"] / 1000), 1),
+            "speedup_vs_reencode_vision": figure(vision["p50_ms"], "ms p50", f"cached fp16, {p} cross-attention, p50", wall[p]["p50_ms"],
+                                                 ratio_is="re-encoding (vision model on preprocessed pixels) / cached: the speed-up"),
+            **({"cpu_s": round(cpu[p], 3), "speedup_cpu_time": figure(median(cpu_s["vision_on_pixels"]), "CPU s", f"cached fp16, {p}, CPU s",
+                                                                        cpu[p], ratio_is="CPU seconds, re-encoding / cached")}
+               if device == "cpu" else {}),
+        }
+    return {
+        "what": f"the stage's rerank of the {n} cached candidates (fp16 tokens) with each cross-attention path; re-encoding as "
+                "in 'reencode' (vision model on preprocessed pixels, then the stage's own text side)",
+        "query_tokens": L,
+        "path_used": used,
+        "fold_max_tokens": main.fold_max_tokens,
+        "mac_break_even_tokens": compute["mac_break_even_tokens"],
+        "vision_gmac_per_image": compute["vision_gmac_per_image"],
+        "paths": paths,
+        "standard_vs_folded": figure(wall["standard"]["p50_ms"], "ms p50", "folded, p50", wall["folded"]["p50_ms"],
+                                     ratio_is="standard / folded: what folding saves"),
+        "scores_max_abs_diff_between_paths": float(np.abs(last["fp16"] - last["fp16_alt"]).max()),
+    }
+
+
+def _break_even(stage: Any, sizes: BlipSizes, device: str, tokens: np.ndarray) -> dict[str, Any]:
+    """Both cross-attention paths on the vision tokens of ``sweep_candidates`` candidates
+    (``tokens``, [n, P, W]) for queries of ``sweep_tokens`` tokens: where folding stops paying
+    here, against where its multiply-accumulates say. On a CPU by this process's CPU seconds
+    (steadier than wall time on a shared CPU), the fastest of ``sweep_rounds`` after a warm-up."""
+    import torch
+
+    from ..query import Query
+    from ..stages.rerankers.blip_itm.itm import text_macs
+
+    k = min(sizes.sweep_candidates, len(tokens))
+    x = torch.as_tensor(tokens[:k]).to(device)
+    word = "red"  # one token in BERT's vocabulary and in the random checkpoints'
+    rows, crossed = [], None
+    for L in sizes.sweep_tokens:
+        query = Query(" ".join([word] * max(1, L - 2)), None)  # [CLS] + words + [SEP]
+        tokens = int(stage.query_tokens(query).ids.shape[1])
+        calls = {p: (lambda p=p, q=query: stage.itm_logits(q, x, path=p)) for p in ("folded", "standard")}
+        wall, cpu = _timed(calls, {}, replace(sizes, rounds=sizes.sweep_rounds, warmup=True), device)
+        clock_of = cpu if device == "cpu" else wall
+        t = {p: min(clock_of[p]) / k * 1000 for p in calls}
+        macs = {p: _giga(text_macs(stage._text.geometry, tokens, stage.geometry["tokens"], p)) for p in calls}
+        rows.append({"query_tokens": tokens, **{f"{p}_ms_per_pair": round(t[p], 3) for p in calls},
+                     **{f"{p}_gmac_per_pair": macs[p] for p in calls}, "standard_over_folded": round(t["standard"] / t["folded"], 3)})
+        if crossed is None and t["folded"] > t["standard"]:
+            crossed = tokens
+    return {
+        "what": f"text side only, {k} candidates per point, both paths forced, fastest of {sizes.sweep_rounds} after a warm-up; "
+                + ("this process's CPU time per pair" if device == "cpu" else "wall time per pair, synchronised"),
+        "candidates": k,
+        "rows": rows,
+        "first_tokens_where_standard_wins": crossed,
+        "fold_max_tokens": stage.fold_max_tokens,
+        "mac_break_even_tokens": _compute(stage)["mac_break_even_tokens"],
+    }
 
 
 def _timed(calls: dict[str, Callable], reencoders: dict[str, Callable], sizes: BlipSizes,
@@ -342,22 +444,34 @@ def _timed(calls: dict[str, Callable], reencoders: dict[str, Callable], sizes: B
 def _compute(stage: Any) -> dict[str, Any]:
     """Multiply-accumulates per query and candidate from the model's config (analytic, not
     measured): what caching saves (the vision tower) and what every query still pays (the text
-    side, whose cross-attention projects all P cached tokens to keys and values in each layer)."""
+    side: with the standard cross-attention it projects all P cached tokens to keys and values in
+    each layer; folded, its cost grows with the query's length instead)."""
+    from ..stages.rerankers.blip_itm.itm import break_even_tokens, text_macs
+
     cfg = stage.model.config
-    tc, vc = cfg.text_config, cfg.vision_config
+    vc = cfg.vision_config
+    g = stage._text.geometry
     P, L = stage.geometry["tokens"], int(stage.query_tokens(_query()).ids.shape[1])
-    wt, wv, ew = tc.hidden_size, vc.hidden_size, getattr(tc, "encoder_hidden_size", vc.hidden_size)
+    wv = vc.hidden_size
     vision = vc.num_hidden_layers * (4 * P * wv * wv + 2 * P * P * wv + 2 * P * wv * vc.intermediate_size) + (P - 1) * 3 * vc.patch_size ** 2 * wv
-    kv = tc.num_hidden_layers * 2 * P * ew * wt
-    rest = tc.num_hidden_layers * (4 * L * wt * wt + 2 * L * L * wt + 2 * L * wt * wt + 2 * L * P * wt + 2 * L * wt * tc.intermediate_size)
+    text = {p: text_macs(g, L, P, p) for p in ("folded", "standard")}
+    used = stage.cross_attention_path(L)
     return {
         "what": "analytic multiply-accumulates (G) from the config, not measured",
         "query_tokens": L,
-        "vision_gmac_per_image": round(vision / 1e9, 2),
-        "text_side_gmac_per_candidate": round((kv + rest) / 1e9, 2),
-        "of_which_cross_attention_kv_projection": round(kv / 1e9, 2),
-        "mac_ratio": round((vision + kv + rest) / (kv + rest), 2),  # re-encoding / cached work: the speed-up if time followed MACs
+        "cross_attention_path": used,
+        "vision_gmac_per_image": _giga(vision),
+        "text_side_gmac_per_candidate": _giga(text[used]),
+        "text_side_gmac_per_candidate_by_path": {p: _giga(v) for p, v in text.items()},
+        "of_which_cross_attention_kv_projection": _giga(2 * (g.layers - 1) * P * g.encoder_width * g.hidden) if used == "standard" else 0.0,
+        "mac_break_even_tokens": break_even_tokens(g, P),
+        "mac_ratio": round((vision + text[used]) / text[used], 2),  # re-encoding / cached work: the speed-up if time followed MACs
     }
+
+
+def _giga(macs: int) -> float:
+    """G of a count, to 4 significant digits (the tiny model's are a few hundred thousand)."""
+    return float(f"{macs / 1e9:.4g}")
 
 
 def _query() -> Any:

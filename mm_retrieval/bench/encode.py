@@ -11,7 +11,16 @@ Measured side by side on the same device, model and batch size:
 
 The ratio pipeline/bare is the DESIGN target (>= 0.9: decoding overlaps compute). Each pipeline run
 is paired with a bare run right before it, so load from other processes hits both. Worker count
-and batch size are swept around the product defaults (``workers=2``, ``batch_size=64``).
+and batch size are swept around the product defaults (``workers=2``, ``batch_size=64``); the suite
+says which configuration was fastest, how 2 workers compare with ``workers=0`` and the pipeline with
+the CPU ceiling it computes.
+
+Starting the decoding workers (issue #30) is measured as **time to the first batch** (from the
+``index()`` call to the first batch stored): in this process (its first run with workers, a
+4-batch run timed apart from the sweep, starts the fork server; later runs reuse it) and in a
+fresh process (``python`` start to first batch of a 4-batch run: what ``mmr index`` costs), and as
+a **small run** (20 images, the ``mmr sync`` of a few new photos) in this process and in a fresh
+one.
 
 Model choice: on CUDA ``ViT-B-32`` (random weights); on CPU ``mmr-small`` (64 px input, random
 weights), because ViT-B-32 runs at a few images/s on a 2-core CPU and the suite must finish in
@@ -22,8 +31,13 @@ exactly the regime where overlap matters.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +61,19 @@ class EncodeSizes:
     sweep_batch: tuple[int, ...]
     min_side: int = 256
     max_side: int = 640
+    small_images: int = 20  # the small run (a sync of a few new photos)
+    small_repeats: int = 3
+    fresh_process: bool = True  # also time a run in a new process (cold start)
 
 
 def sizes_for(device: str, quick: bool) -> EncodeSizes:
     if quick:
         return EncodeSizes("mmr-tiny", images=16, batch_size=8, workers=0, repeats=1, sweep_workers=(), sweep_batch=(),
-                           min_side=64, max_side=128)
+                           min_side=64, max_side=128, small_images=4, small_repeats=1, fresh_process=False)
     if device.startswith("cuda"):
         return EncodeSizes("ViT-B-32", images=2000, batch_size=64, workers=2, repeats=3, sweep_workers=(0, 1, 4, 8),
                            sweep_batch=(128, 256))
-    return EncodeSizes("mmr-small", images=1000, batch_size=64, workers=2, repeats=3, sweep_workers=(0, 1),
+    return EncodeSizes("mmr-small", images=1000, batch_size=64, workers=2, repeats=3, sweep_workers=(0, 1, 3),
                        sweep_batch=(32, 128))
 
 
@@ -85,6 +102,11 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: EncodeSizes | No
     plan.append(("sweep", {**head, "tokens": False}))  # what the token-cache write costs
 
     runs = []
+    four = generate_images(workdir / f"images-{4 * sizes.batch_size}-{sizes.min_side}-{sizes.max_side}",
+                           4 * sizes.batch_size, min_side=sizes.min_side, max_side=sizes.max_side,
+                           seed=2) if head["workers"] or sizes.fresh_process else []
+    if head["workers"]:  # the first run with workers in this process starts them: timed on its own, off the sweep
+        runs.append({"group": "start", **_pair(db, "enc_start", four[0].parent, len(four), sizes.model, device, **head)})
     for i, (group, cfg) in enumerate(plan):
         runs.append({"group": group, **_pair(db, f"enc_{i}", folder, len(paths), sizes.model, device, **cfg)})
         log.info("bench encode: %s", runs[-1])
@@ -113,6 +135,25 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: EncodeSizes | No
         "ratio_median": round(ratio, 4),
         "runs": runs,
     }
+    out.update(_configurations(runs, heads, ratio, out["cpu_ceiling"]))
+    out["first_batch"] = {
+        "in_process_first_s": runs[0]["first_batch_s"],  # the first run with workers: it starts them (cold)
+        "in_process_s": round(median([r["first_batch_s"] for r in heads]), 3),
+        "in_process_workers0_s": next((r["first_batch_s"] for r in runs if r["workers"] == 0), None),
+        "what": "seconds from the index() call to the first batch stored: the process's first run with workers "
+                "(a 4-batch run, group 'start': it starts them), the headline runs (median), workers=0",
+    }
+    small = generate_images(workdir / f"images-{sizes.small_images}-{sizes.min_side}-{sizes.max_side}", sizes.small_images,
+                            min_side=sizes.min_side, max_side=sizes.max_side, seed=1)
+    out["small_run"] = _small_runs(db, small[0].parent, sizes, device, threads)
+    if sizes.fresh_process:
+        out["fresh_process"] = {
+            f"{len(four)}_images": _fresh_process(workdir, four[0].parent, sizes, device),
+            f"{len(small)}_images": _fresh_process(workdir, small[0].parent, sizes, device),
+            "what": "`python` start to the first batch stored / to the end of index(), a new process each "
+                    "(imports, Milvus Lite, model, decoding workers: what `mmr index` pays)",
+        }
+    out["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     before = [r for r in runs if r["group"] == "all_threads"]
     if before:
         gains = [h["pipeline_img_s"] / b["pipeline_img_s"] for h, b in zip(heads, before)]
@@ -150,7 +191,7 @@ def _pair(db: Path, collection: str, folder: Path, n: int, model: str, device: s
     # (other processes on a shared box) weighs on both sides alike.
     bare_n = min(n, BARE_BATCHES * batch)
     before = _bare_forward_seconds(encoder, folder, bare_n, batch, device)
-    pipe_s, report = clock(lambda: pipe.index(folder, progress=False), device)
+    pipe_s, first_s, report = _timed_index(pipe, folder, device)
     after = _bare_forward_seconds(encoder, folder, bare_n, batch, device)
     bare_ips = 2 * bare_n / (before + after)
     if report.indexed != n:
@@ -163,7 +204,17 @@ def _pair(db: Path, collection: str, folder: Path, n: int, model: str, device: s
         "bare_img_s_before_after": [round(bare_n / before, 2), round(bare_n / after, 2)],
         "ratio": round((report.indexed / pipe_s) / bare_ips, 4),
         "create_collection_s": round(create_s, 3),
+        "first_batch_s": round(first_s, 3),
     }
+
+
+def _timed_index(pipe: Any, folder: Path, device: str) -> tuple[float, float, Any]:
+    """(seconds, seconds to the first batch stored, report) of ``pipe.index(folder)``."""
+    first: list[float] = []
+    start = time.perf_counter()
+    seconds, report = clock(lambda: pipe.index(folder, progress=False, on_progress=lambda _: first or first.append(
+        time.perf_counter())), device)
+    return seconds, (first[0] - start if first else float("nan")), report
 
 
 def _bare_forward_seconds(encoder: Any, folder: Path, n: int, batch: int, device: str) -> float:
@@ -224,3 +275,87 @@ def _cpu_ceiling(device: str, bare_ips: float, decode_ms: float) -> dict[str, An
         "why": "on a CPU the decoding workers take cores from the forward pass; this is the ratio with "
                "perfect overlap, computed from the measured bare throughput and decode cost",
     }
+
+
+def _configurations(runs: list[dict[str, Any]], heads: list[dict[str, Any]], ratio: float,
+                    ceiling: dict[str, Any] | None) -> dict[str, Any]:
+    """Which configuration indexed fastest (the default: the headline runs' median), 2 workers
+    against none, and the pipeline against the CPU ceiling."""
+    head_ips = median([r["pipeline_img_s"] for r in heads])
+    configs = [({"batch_size": heads[0]["batch_size"], "workers": heads[0]["workers"], "default": True}, head_ips)]
+    configs += [({"batch_size": r["batch_size"], "workers": r["workers"], "default": False}, r["pipeline_img_s"])
+                for r in runs if r["group"] == "sweep" and r["token_cache"]]
+    best, best_ips = max(configs, key=lambda c: c[1])
+    out: dict[str, Any] = {"fastest": {**best, "pipeline_img_s": best_ips, "default_img_s": round(head_ips, 2),
+                                       "default_is_fastest": best["default"]}}
+    none = [r for r in runs if r["group"] == "sweep" and r["workers"] == 0 and r["token_cache"]]
+    if none and heads[0]["workers"]:
+        out["workers_vs_none"] = figure(head_ips, "images/s", "workers=0 (decoding in the indexing process)",
+                                        none[0]["pipeline_img_s"], ratio_is=f"{heads[0]['workers']} workers / none",
+                                        goal=1.5)
+    if ceiling:
+        out["of_cpu_ceiling"] = {"value": round(ratio / ceiling["ratio"], 4), "goal": 0.9,
+                                 "what": "pipeline/bare ratio divided by the CPU ceiling's ratio"}
+    return out
+
+
+def _small_runs(db: Path, folder: Path, sizes: EncodeSizes, device: str, threads: int) -> dict[str, Any]:
+    """The default configuration indexing a few images into a fresh collection, in this process
+    (model loaded, collection created before the clock), ``small_repeats`` times."""
+    import torch
+
+    from ..pipeline import Pipeline
+
+    torch.set_num_threads(threads)
+    seconds, firsts = [], []
+    for i in range(sizes.small_repeats):
+        pipe = Pipeline(db=str(db), collection=f"small_{i}", device=device,
+                        encoder={"model": sizes.model, "pretrained": "none", "batch_size": sizes.batch_size,
+                                 "workers": sizes.workers})
+        pipe.encoder.warm_up()
+        pipe.store.drop()
+        pipe.store.ensure_collection(pipe.encoder.info())
+        s, first, report = _timed_index(pipe, folder, device)
+        seconds.append(s)
+        firsts.append(first)
+        pipe.store.drop()
+    return {"images": sizes.small_images, "indexed": report.indexed, "seconds": round(median(seconds), 3),
+            "decoded_in_process": sizes.small_images <= sizes.batch_size,  # one batch: workers could overlap nothing
+            "first_batch_s": round(median(firsts), 3), "repeats": sizes.small_repeats,
+            "batch_size": sizes.batch_size, "workers": sizes.workers,
+            "what": "index() of a few new images in this process, default configuration (median)"}
+
+
+_FRESH = """
+import json, sys, time
+from mm_retrieval import Pipeline
+
+if __name__ == "__main__":
+    folder, db, model, batch, workers, device = sys.argv[1:7]
+    pipe = Pipeline(db=db, collection="fresh", device=device,
+                    encoder={"model": model, "pretrained": "none", "batch_size": int(batch), "workers": int(workers)})
+    first = []
+    call = time.monotonic()
+    report = pipe.index(folder, progress=False, on_progress=lambda _: first or first.append(time.monotonic()))
+    end = time.monotonic()
+    pipe.store.drop()
+    print(json.dumps({"call": call, "first": first[0] if first else None, "end": end, "indexed": report.indexed}))
+"""
+
+
+def _fresh_process(workdir: Path, folder: Path, sizes: EncodeSizes, device: str) -> dict[str, Any]:
+    """One index run of ``folder`` in a new Python process, default configuration: seconds from
+    the process start to its first batch stored and to the end of ``index()`` (CLOCK_MONOTONIC is
+    one clock for both processes)."""
+    db = workdir / "fresh.db"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _FRESH, str(folder), str(db), sizes.model, str(sizes.batch_size),
+                           str(sizes.workers), device], check=False, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench encode: the fresh-process run failed: {proc.stderr[-2000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(workdir / "fresh.db.mmr", ignore_errors=True)
+    return {"images": got["indexed"], "to_first_batch_s": round(got["first"] - start, 3),
+            "index_call_to_first_batch_s": round(got["first"] - got["call"], 3),
+            "to_end_of_index_s": round(got["end"] - start, 3), "load_avg_1m": round(os.getloadavg()[0], 2)}

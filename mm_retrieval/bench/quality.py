@@ -44,7 +44,7 @@ def sizes_for(quick: bool) -> QualitySizes:
 
     if quick:  # structure only: far too small to learn anything
         return QualitySizes(n_train=64, n_test=16, encoder_epochs=1, reranker_epochs=1, batch_size=16)
-    d = DemoSizes()  # the demo's full sizes: the numbers the README talks about
+    d = DemoSizes()  # the demo's full sizes: the numbers the README and docs/reranking.md quote
     return QualitySizes(n_train=d.n_train, n_test=d.n_test, encoder_epochs=d.encoder_epochs, reranker_epochs=d.reranker_epochs)
 
 

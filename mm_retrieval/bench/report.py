@@ -12,6 +12,29 @@ def _f(x: Any, digits: int = 2) -> str:
     return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _encode_start(enc: dict[str, Any]) -> list[str]:
+    """The encode suite's configuration and start-up figures (issue #30), when the run has them."""
+    lines = []
+    if fa := enc.get("fastest"):
+        lines.append(f"        fastest: batch {fa['batch_size']} workers {fa['workers']} ({_f(fa['pipeline_img_s'], 1)} img/s); "
+                     f"default {_f(fa['default_img_s'], 1)} img/s: {'the fastest' if fa['default_is_fastest'] else 'NOT the fastest'}")
+    if wv := enc.get("workers_vs_none"):
+        lines.append(f"        {wv['ratio_is']}: {_f(wv['ratio'])}x ({_f(wv['against_value'], 1)} -> {_f(wv['value'], 1)} img/s; goal {wv['goal']}x)")
+    if oc := enc.get("of_cpu_ceiling"):
+        lines.append(f"        pipeline at {_f(oc['value'])} of the CPU ceiling (goal {oc['goal']})")
+    if fb := enc.get("first_batch"):
+        lines.append(f"        time to first batch in one process: {_f(fb['in_process_first_s'])} s (first run with workers), "
+                     f"{_f(fb['in_process_s'])} s (later runs), {_f(fb['in_process_workers0_s'])} s (workers=0)")
+    if sr := enc.get("small_run"):
+        lines.append(f"        small run: {sr['images']} images in {_f(sr['seconds'])} s (first batch {_f(sr['first_batch_s'])} s, "
+                     f"in one process, median of {sr['repeats']})")
+    for name, fp in (enc.get("fresh_process") or {}).items():
+        if isinstance(fp, dict):
+            lines.append(f"        new process, {fp['images']} images: first batch {_f(fp['to_first_batch_s'])} s after `python` "
+                         f"started ({_f(fp['index_call_to_first_batch_s'])} s after index()), done {_f(fp['to_end_of_index_s'])} s")
+    return lines
+
+
 def figures(doc: dict[str, Any]) -> list[str]:
     """One line per headline figure, each with what it was measured against."""
     s, lines = doc["suites"], []
@@ -30,6 +53,7 @@ def figures(doc: dict[str, Any]) -> list[str]:
                          f"pipeline {_f(it['gain']['value'])}x ({_f(it['all_threads_pipeline_img_s'], 1)} -> {_f(it['pipeline_img_s'], 1)} img/s)")
         if c := enc.get("cpu_ceiling"):
             lines.append(f"        decode {_f(enc['decode_ms_per_image_one_process'])} ms/img per process; best possible ratio on this CPU {_f(c['ratio'])}")
+        lines += _encode_start(enc)
     if se := s.get("search"):
         for r in se["results"]:
             head = f"search  {r['vectors']:>7,} {r['index_type']:<9} recall@10 {_f(r['recall@10'], 3)} vs exact numpy"
@@ -44,6 +68,11 @@ def figures(doc: dict[str, Any]) -> list[str]:
                 if "has_collection_rpc" in lat:
                     lines.append(f"                   raw + our row filter {_f(lat['raw_client_with_store_filter']['p50_ms'])} ms; one "
                                  f"has_collection round trip {_f(lat['has_collection_rpc']['p50_ms'])} ms (no longer made per query)")
+                if g := lat.get("store_now_vs_grouped_before"):
+                    lines.append(f"                   no video, so no grouping: store p50 {_f(g['value'])} ms vs {_f(g['against_value'])} ms "
+                                 f"grouped by video as before ({_f(g['ratio'])}x)")
+        if cv := se.get("cli_via_server"):
+            lines += _cli_via_server(cv)
             if "before_flush" in r:
                 b = r["before_flush"]
                 lines.append(f"        rows as upserted (growing segments) raw p50 {_f(b['raw_search_unflushed']['p50_ms'])} ms -> "
@@ -58,6 +87,9 @@ def figures(doc: dict[str, Any]) -> list[str]:
             lines.append(f"        text tower on real tokens only ({tt['check']['positions'][0]} -> {tt['check']['positions'][1]} positions, "
                          f"max diff {tt['check']['max_abs_diff_embedding']:.1e}): text {_f(tt['text_gain']['ratio'])}x faster, "
                          f"rerank {_f(tt['rerank_gain']['ratio'])}x faster ({_f(tt['rerank_full_context']['p50_ms'])} -> {_f(tt['rerank']['p50_ms'])} ms)")
+        from .token_read import summary_lines as token_read_lines
+
+        lines += token_read_lines(rr)
         for n, res in rr["peer"]["results"].items():
             if "speedup_vs_blip_itm" not in res:
                 continue
@@ -78,6 +110,26 @@ def figures(doc: dict[str, Any]) -> list[str]:
         lines += summary_lines(v)
     if b := s.get("blip"):
         lines += _blip(b)
+    if c := s.get("cli"):
+        from .cli import summary_lines as cli_lines
+
+        lines += cli_lines(c)
+    if ph := s.get("photos"):
+        from .photos import summary_lines as photo_lines
+
+        lines += photo_lines(ph)
+    if du := s.get("dupes"):
+        from .dupes import summary_lines as dupes_lines
+
+        lines += dupes_lines(du)
+    if oc := s.get("ocr"):
+        from .ocr import summary_lines as ocr_lines
+
+        lines += ocr_lines(oc)
+    if pr := s.get("probe"):
+        from .probe import summary_lines as probe_lines
+
+        lines += probe_lines(pr)
     if q := s.get("quality"):
         e = q["eval"]
         lines.append(f"quality first stage R@1/5/10 {'/'.join(_f(v, 3) for v in e['first_stage'].values())} vs reranked "
@@ -105,6 +157,8 @@ def _blip(b: dict[str, Any]) -> list[str]:
                      + (f"; by MACs re-encoding is {_f(c['mac_ratio'], 1)}x the cached path's work ({_f(c['vision_gmac_per_image'], 1)} GMAC vision "
                         f"per image vs {_f(c['text_side_gmac_per_candidate'], 1)} text side per candidate, "
                         f"{_f(c['of_which_cross_attention_kv_projection'], 1)} of it cross-attention K/V)" if c else ""))
+    if f := b.get("fold"):
+        lines += _blip_fold(f)
     for name, o in b["options"].items():
         by, sc = o["bytes_per_image"], o["scores"]
         agree = o[f"agreement_vs_{b['reference']}"]
@@ -124,6 +178,26 @@ def _blip(b: dict[str, Any]) -> list[str]:
     if (p := b.get("parity")) and p.get("measured"):
         lines.append(f"        parity with transformers' forward ({p['precision']}, {p['images']} images): max ITM logit diff "
                      f"{p['max_abs_diff_itm_logit']:.1e}")
+    if la := b.get("load_avg"):
+        lines.append(f"        load average (1/5/15 min) {la['start']} at the start, {la['end']} at the end")
+    return lines
+
+
+def _blip_fold(f: dict[str, Any]) -> list[str]:
+    """The blip suite's folded vs standard cross-attention: time and work per candidate, break-even."""
+    parts = []
+    for name, p in f["paths"].items():
+        parts.append(f"{name} {_f(p['cached']['p50_ms'], 0)} ms ({_f(p['ms_per_candidate'], 1)} ms and {_f(p['text_side_gmac_per_candidate'], 2)} "
+                     f"GMAC per candidate, {_f(p['gmac_per_s'], 1)} GMAC/s) -> {_f(p['speedup_vs_reencode_vision']['ratio'], 1)}x vs re-encoding"
+                     + (f" ({_f(p['speedup_cpu_time']['ratio'], 1)}x by CPU time)" if "speedup_cpu_time" in p else ""))
+    lines = [f"        cross-attention for the {f['query_tokens']}-token query: the stage used {f['path_used']} (folds up to "
+             f"{f['fold_max_tokens']} tokens; by MACs folding pays up to {f['mac_break_even_tokens']}); " + "; ".join(parts)
+             + f"; standard / folded {_f(f['standard_vs_folded']['ratio'], 2)}x; scores differ by "
+             f"{f['scores_max_abs_diff_between_paths']:.1e} (vision {_f(f['vision_gmac_per_image'], 1)} GMAC per image)"]
+    if be := f.get("break_even"):
+        pts = ", ".join(f"{r['query_tokens']}: {_f(r['standard_over_folded'], 2)}" for r in be["rows"])
+        lines.append(f"        break-even sweep ({be['what']}): standard / folded time by query tokens {pts}; standard first wins at "
+                     f"{be['first_tokens_where_standard_wins'] or 'none of these'} tokens")
     return lines
 
 
@@ -161,7 +235,20 @@ def profiling(doc: dict[str, Any]) -> list[str]:
                         f"pipeline {lat['pipeline_vs_raw']['overhead_pct']:+.1f}% over raw ({_f(lat['raw_client']['p50_ms'])} ms p50), with no "
                         f"has_collection round trip per query (one costs {_f(lat['has_collection_rpc']['p50_ms'])} ms p50; the store made one "
                         f"and the pipeline two per query before).")
+        if cv := se.get("cli_via_server"):
+            lines += ["- " + line.strip() for line in _cli_via_server(cv)]
     return lines
+
+
+def _cli_via_server(cv: dict[str, Any]) -> list[str]:
+    g = cv["demo_grouping"]
+    return [
+        f"search  `mmr search --json` in a new process, demo collection: through a running `mmr serve` "
+        f"{_f(cv['via_server_s']['p50_ms'] / 1000)} s p50 vs {_f(cv['loads_model_s']['p50_ms'] / 1000)} s loading the model "
+        f"(`mmr --version` {_f(cv['mmr_version_s']['p50_ms'] / 1000)} s; n={cv['via_server_s']['n']}, load average {cv['load_avg_1m']:.1f})",
+        f"        demo collection (8 images, no video), 100 candidates: first stage p50 {_f(g['now']['p50_ms'])} ms vs "
+        f"{_f(g['before_grouped']['p50_ms'])} ms grouped by video as before ({_f(g['now_vs_before']['ratio'])}x)",
+    ]
 
 
 def _later(b: dict[str, Any]) -> str:

@@ -25,6 +25,9 @@ CUDA-synchronised.
 ``mm_retrieval.search`` does) against encoded twice (the first stage's forward, then the
 reranker's own: what search did before), interleaved.
 
+**Token read** and the own reranker's rerank with its memory read before (SQLite blobs) and now
+(memory-mapped slots): :mod:`.token_read`.
+
 **Cache bytes per image** for each attention layout (kv_heads = heads, heads/2, 1): the cached
 memory ([P, memory_dim] fp16, independent of kv_heads) and what caching the per-layer K/V instead
 would cost, computed from the config and checked against real tensors and a real cache file.
@@ -108,11 +111,15 @@ def run(workdir: Path, device: str, quick: bool = False, sizes: RerankSizes | No
             "encoder": f"{sizes.encoder} (random weights; text tower encodes the query)",
             "reranker_config": setup.config.to_dict(),
             "patches": setup.dims["P"],
-            "cache": f"TokenCache (SQLite) on disk, read per query; {setup.real} real indexed images, "
+            "cache": f"TokenCache (memory-mapped slots) on disk, read per query; {setup.real} real indexed images, "
                      f"{len(setup.ids) - setup.real} padding entries projected from random tokens",
         },
     }
     out["latency"] = _our_latency(setup, sizes)
+    from .token_read import own_rerank, token_read
+
+    out["token_read"] = token_read(workdir, device, quick)
+    out["own_rerank_store"] = own_rerank(setup, _hits(setup.ids[:min(100, len(setup.ids))]), lambda: _query(setup.encoder), sizes.rounds)
     out["text_trim"] = _text_trim(setup, sizes)
     out["encode_once"] = _encode_once(setup, sizes)
     out["peer"] = _peer(setup, sizes, device, out["latency"])

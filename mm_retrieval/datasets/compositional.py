@@ -241,17 +241,36 @@ def render(placed: Sequence[PlacedObject], image_size: int, rng: np.random.Gener
     canvas = Image.new("RGB", (image_size * k, image_size * k), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for p in placed:
-        x0, y0, x1, y1 = (v * k for v in p.box)
-        if p.obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=p.rgb)
-        elif p.obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=p.rgb)
-        elif p.obj.shape == "triangle":  # apex up; the box centre lies inside it
-            draw.polygon([(p.cx * k, y0), (x1, y1), (x0, y1)], fill=p.rgb)
-        else:
-            raise ValueError(f"unknown shape {p.obj.shape!r}")
+        _draw_object(draw, p, k, p.rgb)
     small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8)
+
+
+def coverage(placed: Sequence[PlacedObject], image_size: int) -> np.ndarray:
+    """The share of each pixel that each object covers: ``(n_objects, H, W)`` float32 in [0, 1],
+    drawn with :func:`render`'s geometry and supersampling (so it matches the image's edges).
+    Objects never overlap, so the shares of one pixel sum to at most 1."""
+    k = _SUPERSAMPLE
+    out = np.zeros((len(placed), image_size, image_size), dtype=np.float32)
+    for i, p in enumerate(placed):
+        mask = Image.new("L", (image_size * k, image_size * k), 0)
+        _draw_object(ImageDraw.Draw(mask), p, k, 255)
+        small = mask.resize((image_size, image_size), Image.Resampling.BOX)
+        out[i] = np.asarray(small, dtype=np.float32) / 255.0
+    return out
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, p: PlacedObject, k: int, fill) -> None:
+    """Draw ``p`` scaled by ``k`` (the supersampling factor) in ``fill``."""
+    x0, y0, x1, y1 = (v * k for v in p.box)
+    if p.obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif p.obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif p.obj.shape == "triangle":  # apex up; the box centre lies inside it
+        draw.polygon([(p.cx * k, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {p.obj.shape!r}")
 
 
 def _encode_unique(pixels: np.ndarray, rng: np.random.Generator, seen: set[bytes]) -> bytes:
@@ -541,6 +560,19 @@ def row_combinations(row: dict[str, str]) -> set[str]:
     recomputed from its colour/shape columns."""
     bindings = [(row[f"colour_{i}"], row[f"shape_{i}"]) for i in range(1, 4) if row.get(f"colour_{i}")]
     return {combination(a, b) for a, b in itertools.combinations(bindings, 2)}
+
+
+def placed_objects(row: dict[str, str]) -> list[PlacedObject]:
+    """A table row's objects as drawn (centre, side, shape; the fill is the palette's nominal
+    colour, not the jittered shade), e.g. for :func:`coverage`."""
+    placed = []
+    for i in range(1, 4):
+        if not row.get(f"shape_{i}"):
+            break
+        obj = SceneObject(row[f"size_{i}"], row[f"colour_{i}"], row[f"shape_{i}"])
+        x, y, e = (float(row[f"{k}_{i}"]) for k in ("x", "y", "extent"))
+        placed.append(PlacedObject(obj, x, y, e, COLOURS[obj.colour]))
+    return placed
 
 
 def _row_words(row: dict[str, str]) -> set[str]:

@@ -14,6 +14,7 @@ the stage's own message (:func:`actor_error`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -101,7 +102,7 @@ class EncoderActor:
         import ray
         import torch
 
-        from ..decode import DEFAULT_MAX_PIXELS, Transforms
+        from ..decode import Transforms
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -116,7 +117,7 @@ class EncoderActor:
         self.transform = self.encoder.image_transform if self.side is None else Transforms(self.encoder.image_transform, self.side.transform)
         self.known_ids = known_ids if isinstance(known_ids, frozenset) else ray.get(known_ids)
         self.with_tokens = with_tokens and self.side is None
-        self.max_pixels = int(getattr(self.encoder.config, "max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_pixels = self.encoder.max_pixels
 
     def __call__(self, batch: Any) -> Any:
         """A pyarrow table of ``pos``, ``path`` rows -> the table described in the module docstring."""
@@ -177,6 +178,7 @@ class EncoderActor:
             "known": pa.array([it.known for it in items], pa.bool_()),
             "decoded": pa.array([it.decoded for it in items], pa.bool_()),
             "error": pa.array([it.error for it in items], pa.string()),
+            "meta": pa.array([json.dumps(it.meta) for it in items], pa.string()),  # the file's own metadata
             "vector": pa.array(vectors, pa.binary()),
             "tokens": pa.array(toks, pa.binary()),
             "token_shape": pa.array(shapes, pa.list_(pa.int64())),

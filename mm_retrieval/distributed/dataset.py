@@ -17,6 +17,7 @@ like any index run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -64,14 +65,14 @@ class RayEncodeBatches:
         self.actors = actors if actors is not None else default_actors(cluster, self.use_gpu)
         if self.use_gpu and self.actors > cluster.gpus:
             raise InputError(f"--ray-actors {self.actors}: each actor takes one GPU and the cluster has {cluster.gpus}")
-        self.decode_threads = int(getattr(cfg, "workers", 0)) if self.use_gpu else 0
+        self.decode_threads = encoder.workers if self.use_gpu else 0
         if self.use_gpu:  # its decoding threads' CPUs, where the cluster has them
             self.cpus_per_actor = float(max(1, min(self.decode_threads, cluster.cpus // self.actors, int(cluster.max_node_cpus) or 1)))
         else:
             if self.actors > cluster.cpus:
                 raise InputError(f"--ray-actors {self.actors}: each actor takes at least one CPU and the cluster has {cluster.cpus}")
             self.cpus_per_actor = float(max(1, min(cluster.cpus // self.actors, int(cluster.max_node_cpus) or 1)))
-        self.batch_size = int(getattr(cfg, "batch_size", 32))
+        self.batch_size = encoder.batch_size
         spec = stage_spec(encoder)
         if "device" in spec:  # each actor sees only its own GPU (CUDA_VISIBLE_DEVICES), as cuda:0
             spec["device"] = "cuda" if self.use_gpu else "cpu"
@@ -147,7 +148,8 @@ def unpack(table: Any) -> tuple[list[Any], np.ndarray, np.ndarray | None]:
     items, vectors, tokens = [], [], []
     for k in range(table.num_rows):
         item = DecodedItem(int(cols["pos"][k]), cols["path"][k], id=cols["id"][k] or "", digest=cols["digest"][k] or "",
-                           decoded=bool(cols["decoded"][k]), known=bool(cols["known"][k]), error=cols["error"][k])
+                           decoded=bool(cols["decoded"][k]), known=bool(cols["known"][k]), error=cols["error"][k],
+                           meta=json.loads(cols["meta"][k]) if cols.get("meta") and cols["meta"][k] else {})
         items.append(item)
         if item.decoded:
             vectors.append(np.frombuffer(cols["vector"][k], dtype=np.float32))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Annotated, Any, Union
 
 from fastapi import FastAPI, Request
@@ -70,15 +71,19 @@ RerankBody = Annotated[
 ]
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """The ASGI app; its lifespan starts the engine (models, batcher) and stops it."""
+def create_app(engine: Engine, config: ServerConfig | None = None, *,
+               announce: Callable[[], AbstractContextManager[Any]] | None = None) -> FastAPI:
+    """The ASGI app; its lifespan starts the engine (models, batcher) and stops it. ``announce``:
+    a context entered once the engine is ready and left when shutdown begins (``mmr serve``
+    announces itself to ``mmr search`` there: :mod:`.discovery`)."""
     config = config or engine.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
         try:
-            yield
+            with announce() if announce is not None else nullcontext():
+                yield
         finally:
             await engine.stop()
 

@@ -8,7 +8,9 @@ Rerank APIs were made for text; our documents are images. A document is one of:
   vLLM-style content part ``{"type": "image_url", "image_url": {"url": "data:..."}}``.
 
 An indexed reference scores from what indexing stored: its vector (first-stage score) and its
-cached image tokens (reranker memory); its file is never read. An inline image is decoded and
+cached image tokens (reranker memory); its file is never read. A path that is not stored but names
+a file whose content is (a duplicate, which indexing stores once under its first path) is read
+and hashed, and scores as that item. An inline image is decoded and
 encoded on the fly and never written to the collection or the token cache; if its bytes are an
 indexed item's, that item's stored vector and tokens are used, so both ways score the same.
 Anything else is an unknown reference, reported with its position.
@@ -157,6 +159,7 @@ class DocumentResolver:
         short = [t for t in texts if len(t) <= self.config.max_reference_chars]
         rows = self._by_path(short)
         rows.update(self._by_id([t for t in short if t not in rows and ITEM_ID.fullmatch(t)]))
+        rows.update(self._by_content([t for t in short if t not in rows]))
         inline: dict[int, bytes] = {}
         unknown: list[str] = []
         for i, d in enumerate(docs):
@@ -210,7 +213,7 @@ class DocumentResolver:
             raise ApiError(422, f"{what} is not a usable image: {e}") from None
 
     def _preprocess(self, data: bytes):
-        image = decode_image(data, max_pixels=min(self.config.max_image_pixels, int(getattr(self.encoder.config, "max_pixels", 1 << 62))))
+        image = decode_image(data, max_pixels=min(self.config.max_image_pixels, self.encoder.max_pixels))
         try:
             return self.encoder.image_transform(image)
         except Exception as e:  # odd modes (16-bit, palette+alpha) must be the caller's 4xx, not our 500
@@ -230,6 +233,22 @@ class DocumentResolver:
         if not ids:
             return {}
         return {r["id"]: _row(r) for r in self.store.get(list(ids), fields=self._fields())}
+
+    def _by_content(self, paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Unstored paths of files whose content is indexed (duplicates): path -> that item's row.
+        Only absolute paths of regular files are read, within the indexing file-size limit."""
+        import os
+
+        from ..decode import DEFAULT_MAX_FILE_BYTES, read_or_reason, read_regular_file
+
+        ids: dict[str, str] = {}
+        for p in paths:
+            if os.path.isabs(p) and "\x00" not in p and os.path.isfile(p):
+                data, error = read_or_reason(lambda p=p: read_regular_file(p, DEFAULT_MAX_FILE_BYTES))
+                if error is None:
+                    ids[p] = item_id(content_hash(data))
+        found = self._by_id(sorted(set(ids.values())))
+        return {p: found[i] for p, i in ids.items() if i in found}
 
     def _fields(self) -> list[str]:
         # collections written before text vectors existed (schema 1) have no has_image field

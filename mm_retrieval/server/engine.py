@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import InputError, MMRError, StoreError
 from ..pipeline import Pipeline
 from ..query import Query, validate_query
-from ..search import (SearchPlan, Timings, apply_rerank_scores, encode_image_query, finish, first_stage, plan_search, query_kind,
+from ..search import (SearchPlan, Timings, apply_rerank_scores, collapse_duplicates, encode_image_query, finish, first_stage, plan_search, query_kind,
                       query_label, resolve_mode, stored_vector)
 from ..types import Hit, SearchResult
 from .batcher import DynamicBatcher, QueueFull
@@ -119,7 +119,9 @@ class Engine:
     # ---- search ----------------------------------------------------------------------------
     async def search(self, query: str | None = None, *, image: bytes | None = None, image_id: str | None = None,
                      k: int | None = None, candidates: int | None = None, filter: str = "", rerank: bool | None = None,
-                     mode: str | None = None, offset: int = 0, group_by_video: bool | None = None) -> SearchResult:
+                     mode: str | None = None, offset: int = 0, group_by_video: bool | None = None,
+                     min_score: float | None = None, sort: str | None = None,
+                     collapse_duplicates: bool = False) -> SearchResult:
         """``mmr search`` over HTTP, by text (``query``) or by image (``image`` bytes, or
         ``image_id`` of an indexed item): the flow of :mod:`mm_retrieval.search`, so the same
         defaults, modes, limits, reranking rule and scores as ``Pipeline.search``. The model work
@@ -130,15 +132,24 @@ class Engine:
         ``k = offset + k`` (reranking orders the top ``max(candidates, offset + k)`` candidates).
         What the request alone shows to be unusable (options, an explicit ``rerank`` that can't be
         honoured) is a 422; what the collection refuses (a mode without text vectors) a 400.
-        ``group_by_video`` (None: on) keeps each video's best moment only.
+        ``group_by_video`` (None: on) keeps each video's best moment only. ``min_score`` and
+        ``sort``: a relevance cutoff (range search) and an order, and ``collapse_duplicates`` one hit
+        per group of near-duplicates, as in ``Pipeline.search``.
         """
         text = self._query(query) if query is not None else None
         try:
             plan = plan_search(self.pipeline.config.search, kind=query_kind(query, image, image_id), has_reranker=self.has_reranker,
                                mode=mode, k=k, candidates=candidates, offset=offset, filter=filter, rerank=rerank,
-                               group_by_video=group_by_video)
+                               group_by_video=group_by_video, min_score=min_score, sort=sort,
+                               collapse_duplicates=collapse_duplicates)
         except InputError as e:
             raise ApiError(422, str(e)) from e
+        if plan.mode == "ocr":  # the words read in images: no model work
+            from ..search import search_words
+
+            pipe = self.pipeline
+            return await self._threaded(lambda: search_words(plan, store=pipe.store, encoder=pipe.encoder, facts=pipe.collection_facts,
+                                                             text=text, label=query_label(text, image, image_id)))
         searched = await self._threaded(resolve_mode, plan, self.pipeline.collection_facts)
         if image is not None:
             await self._threaded(self.resolver.check_image, image, "the image query")
@@ -188,7 +199,8 @@ class Engine:
 
     def _first_stage(self, plan: SearchPlan, mode: str, vector: np.ndarray) -> list[Hit]:
         try:
-            return first_stage(self.pipeline.store, plan, mode, vector[None])[0]
+            hits = first_stage(self.pipeline.store, plan, mode, vector[None])[0]
+            return collapse_duplicates(self.pipeline.store, hits) if plan.collapse_duplicates else hits
         except StoreError as e:
             if plan.filter and not e.retriable:  # a filter the store can't run is the caller's to fix
                 raise ApiError(400, f"invalid filter expression {plan.filter[:200]!r}: {e}", param="filter") from e

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, is_video
+from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, is_raw, is_video
 from .config import ServerConfig
 from .documents import ITEM_ID, quote
 from .errors import ApiError
@@ -253,7 +253,7 @@ def _check_id(item_id: str) -> None:
 
 def _jpeg(data: bytes, side: int, f: MediaFile) -> bytes:
     try:
-        im = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS)
+        im = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, raw=is_raw(f.path))  # a RAW shows its preview
         return _encode_jpeg(im, side)
     except (DecodeError, OSError, ValueError) as e:
         raise ApiError(422, f"item {f.id}'s file {f.path} is no longer a readable image: {e}") from None

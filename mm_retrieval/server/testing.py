@@ -51,6 +51,7 @@ def make_demo_collection(root: str | Path, *, collection: str = "images", rerank
     pipe = Pipeline(db=db, collection=collection, encoder=TINY_ENCODER)
     pipe.index(root / "images", progress=False)
     checkpoint = save_demo_reranker(pipe, root / "reranker", seed=seed) if reranker else None
+    pipe.close()  # Milvus Lite: another process (`mmr serve`, `mmr search`) may open the database now
     return DemoCollection(root=root, db=db, collection=collection, checkpoint=checkpoint, paths=[str(p.resolve()) for p in images])
 
 

@@ -81,14 +81,18 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
         vectors and videos are there (and so which modes and options work), search defaults and
         request limits."""
         store = engine.pipeline.store
-        items, with_text, videos = await engine._threaded(lambda: (store.count(), store.count_with_text(), engine.media.has_videos()))
+        from ..ocr import has_ocr
+
+        items, with_text, videos, ocr = await engine._threaded(
+            lambda: (store.count(), store.count_with_text(), engine.media.has_videos(), store.exists() and has_ocr(store)))
         defaults = engine.pipeline.config.search
         return {
             "collection": store.name, "items": items, "items_with_text": with_text, "model": engine.model_name,
             "reranker": engine.has_reranker,
             "explain": engine.has_reranker and engine.reranker.can_explain,
             "videos": videos,  # moments of videos are indexed: the page offers one-per-video grouping
-            "modes": ["auto", "image", "text", "hybrid"] if with_text else ["image"],
+            # ocr: the words read in images (indexed with --ocr)
+            "modes": (["auto", "image", "text", "hybrid"] if with_text else ["image"]) + (["ocr"] if ocr else []),
             "defaults": {"k": defaults.k, "candidates": defaults.candidates, "mode": defaults.mode},
             "limits": {"max_k": MAX_CANDIDATES, "max_query_chars": engine.config.max_query_chars,
                        "max_image_bytes": engine.config.max_image_bytes},

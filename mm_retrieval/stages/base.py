@@ -144,6 +144,10 @@ class Source(Stage):
         text), the same records in the same order on every run over unchanged input. Entries the
         source has to drop go to :attr:`problems`, not into an exception."""
 
+    def check(self) -> None:
+        """Raise InputError if the source can't be read as asked (e.g. a table without a 'path'
+        column): cheap, called before any model loads. The default checks nothing."""
+
     @property
     def problems(self) -> list[tuple[str, str]]:
         """(path, reason) for each entry the last :meth:`records` run had to drop (e.g. an
@@ -167,6 +171,30 @@ class Encoder(Stage):
     #: The text tokenizer, ``list[str] -> [N, C]`` token ids (set by :meth:`warm_up`); used to
     #: map token features back to words.
     tokenizer: Any = None
+
+    # ---- run-time settings index runs read (each from the config field of its name when the
+    # ---- config has one, else the default; an encoder without such a field may override) ----
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass at index time (default 32)."""
+        return int(getattr(self.config, "batch_size", 32))
+
+    @property
+    def workers(self) -> int:
+        """Decoding worker processes at index time (default 0: decode in this process)."""
+        return int(getattr(self.config, "workers", 0))
+
+    @property
+    def index_threads(self) -> int:
+        """Torch threads while indexing on a CPU; 0 (the default): cores minus workers."""
+        return int(getattr(self.config, "index_threads", 0) or 0)
+
+    @property
+    def max_pixels(self) -> int:
+        """Largest image (width x height) decoded; larger ones are skipped as decompression bombs."""
+        from ..decode import DEFAULT_MAX_PIXELS
+
+        return int(getattr(self.config, "max_pixels", DEFAULT_MAX_PIXELS))
 
     @property
     @abstractmethod
@@ -205,6 +233,13 @@ class Encoder(Stage):
         """What a collection records about the encoder that built it (JSON-serialisable):
         at least ``stage``, ``fingerprint`` and ``dim``."""
         return {"stage": self.stage_name, "fingerprint": self.fingerprint, "dim": self.dim}
+
+    def cheap_info(self) -> dict[str, Any]:
+        """:meth:`info` as far as it can be told without importing or loading the model (``dim``
+        may be None), so that a collection built by another model is refused within a second
+        (:meth:`Store.check_compatible`). The same fingerprint as :meth:`info`'s whenever that
+        one can be computed; the default is :meth:`info` itself."""
+        return self.info()
 
 
 class Store(Stage):
@@ -245,6 +280,13 @@ class Store(Stage):
     def cache_dir(self) -> Path:
         """Folder for this collection's side data (token caches); :meth:`drop` removes it."""
 
+    @property
+    def local_path(self) -> Path | None:
+        """The file holding the collection when only one process may open it (a Milvus Lite
+        database): runs that spread work over processes then keep every write in this one.
+        None (the default): a server, or memory."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release connections and files (another process may then open the collection). The
@@ -265,7 +307,13 @@ class Store(Stage):
     @abstractmethod
     def check_compatible(self, encoder_info: dict[str, Any]) -> None:
         """Raise IncompatibleError if the collection was built by another encoder (another
-        ``fingerprint`` or ``dim``); a missing collection is compatible with any."""
+        ``fingerprint`` or ``dim``; a ``dim`` of None, from :meth:`Encoder.cheap_info`, is not
+        compared); a missing collection is compatible with any."""
+
+    def check_filter(self, filter: str) -> None:
+        """Raise InputError naming the problem (and the fields a filter can use) if ``filter`` is
+        not a valid expression for this collection; asked before any model loads. The default
+        accepts any: a store without a cheap check reports a bad filter when it searches."""
 
     @abstractmethod
     def ensure_collection(self, encoder_info: dict[str, Any]) -> None:
@@ -406,16 +454,14 @@ class Reranker(Stage):
         return [np.asarray(self.score(q, hits), dtype=np.float64) if hits else np.zeros(0) for q, hits in requests]
 
     def rerank(self, query: "Query", hits: Sequence[Hit], k: int) -> list[Hit]:
-        """Score, sort (stable, ties keep first-stage order), keep the top ``k``, renumber ranks."""
+        """Score, sort (stable, ties keep first-stage order), keep the top ``k``, renumber ranks;
+        each hit's ``score`` and ``rerank_score`` are then the reranker's."""
         if not hits:
             return []
         scores = np.asarray(self.score(query, hits), dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[:k]
-        out = []
-        for rank, i in enumerate(order, start=1):
-            h = dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=rank)
-            out.append(h)
-        return out
+        return [dataclasses.replace(hits[int(i)], score=float(scores[i]), rerank_score=float(scores[i]), rank=rank)
+                for rank, i in enumerate(order, start=1)]
 
     @abstractmethod
     def token_writer(self) -> "TokenWriter | None":
@@ -440,22 +486,6 @@ class Reranker(Stage):
             f"{self.label} cannot show what it attended to; explaining needs a reranker that can "
             "(e.g. reranker/cross_attention: pass --rerank DIR from `mmr train-reranker`)"
         )
-
-
-def best_per_media(hits: Sequence[Hit], limit: int) -> list[Hit]:
-    """The first (best) hit of each media item, at most ``limit``, ranks renumbered: grouping
-    over candidates, for a store without a grouping search of its own (Milvus has one)."""
-    seen: set[str] = set()
-    out: list[Hit] = []
-    for h in hits:
-        key = h.video_id or h.id
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(dataclasses.replace(h, rank=len(out) + 1))
-        if len(out) >= limit:
-            break
-    return out
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -495,21 +525,23 @@ def encode_files(
     image is decoded once, the workers apply both preprocessings, and every batch goes through
     both models. Else None.
 
-    Workers (the encoder config's ``workers``) are spawned, not forked, and die with this process
-    (:mod:`mm_retrieval.workers`: a forked worker inherited the open database and write lock).
-    Spawning costs seconds, so files that fit in one batch, which workers could not overlap with
-    anything, are decoded here. As with any ``spawn``, a script that indexes with workers must
-    guard its entry point with ``if __name__ == "__main__":``.
+    Workers (the encoder config's ``workers``) are forked from this process's fork server, not
+    from this process, and die with it (:mod:`mm_retrieval.workers`: a worker forked from the run
+    inherited the open database and write lock). The server is started once per process, by the
+    first call that needs workers; files that fit in one batch, which workers could not overlap with
+    anything, are decoded here (so a small run starts no process). As with ``spawn``, a script that indexes with workers must guard its entry
+    point with ``if __name__ == "__main__":``.
     """
     from torch.utils.data import DataLoader
 
     from ..decode import DEFAULT_MAX_PIXELS, ImageFileDataset, Transforms, collate_items
     from ..workers import worker_context
 
-    encoder.warm_up()
     cfg = encoder.config
     batch_size = int(getattr(cfg, "batch_size", 32))
     workers = decode_workers(encoder, len(paths))
+    context = worker_context() if workers else None  # first: the fork server imports while the model loads
+    encoder.warm_up()
     transform = encoder.image_transform if image_side is None else Transforms(encoder.image_transform, image_side.transform)
     dataset = ImageFileDataset(
         paths, transform, known_ids=known_ids, max_pixels=int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
@@ -521,12 +553,16 @@ def encode_files(
         collate_fn=collate_items,
         prefetch_factor=4 if workers else None,
         pin_memory=str(getattr(encoder, "device", "cpu")).startswith("cuda"),
-        multiprocessing_context=worker_context() if workers else None,
+        multiprocessing_context=context,
     )
     empty = np.zeros((0, 0), dtype=np.float32)
     with _cpu_threads(encoder, workers):
         try:
-            for items, pixels in loader:
+            batches = iter(loader)  # starts the workers
+        except (OSError, EOFError) as e:  # the fork server died before forking them
+            raise _workers_died(encoder, e) from e
+        try:
+            for items, pixels in batches:
                 if pixels is None:
                     yield items, empty, None
                     continue
@@ -540,11 +576,22 @@ def encode_files(
         except RuntimeError as e:
             if "DataLoader worker" not in str(e):
                 raise
-            raise StageError(
-                encoder.label,
-                f"a decoding worker process died ({e}). If this runs from a script, guard its entry point with "
-                "`if __name__ == \"__main__\":` (workers start with spawn), or set the encoder's workers to 0",
-            ) from e
+            raise _workers_died(encoder, e) from e
+
+
+def _workers_died(encoder: Encoder, e: BaseException) -> StageError:
+    from ..workers import server_died
+
+    server = server_died()
+    if server is not None and server[1]:  # killed (e.g. by the OOM killer): nothing to fix but to run again
+        return StageError(encoder.label, f"{server[0]} ({type(e).__name__}: {e}). Batches already written are kept: "
+                                         "run again to do the rest (a new fork server is started)")
+    return StageError(
+        encoder.label,
+        f"{server[0] if server else 'a decoding worker process died'} ({type(e).__name__}: {e}). If this runs from a "
+        "script, guard its entry point with `if __name__ == \"__main__\":` (workers start as with spawn), or set the "
+        "encoder's workers to 0",
+    )
 
 
 def decode_workers(encoder: Encoder, n_files: int) -> int:

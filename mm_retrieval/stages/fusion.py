@@ -30,13 +30,14 @@ def apply_rerank_scores(hits: Sequence[Hit], scores: Sequence[float], k: int, *,
     ``mode="image"``: the reranker's order; each hit's ``score`` is the reranker's.
     ``mode="hybrid"``: the reranker's scores fused with the hits' ``text_score`` (see the module
     docstring) using ``search.hybrid_ranker`` / ``search.hybrid_weights`` / ``search.rrf_k``; each
-    hit's ``score`` is then the fused score and ``rerank_score`` the reranker's own. Ties keep the
-    first-stage order; ranks are renumbered from 1; ``retrieval_score`` stays the first stage's.
+    hit's ``score`` is then the fused score. In both, ``rerank_score`` is the reranker's own. Ties
+    keep the first-stage order; ranks are renumbered from 1; ``retrieval_score`` stays the first stage's.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if mode != "hybrid":
         order = np.argsort(-scores, kind="stable")[:k]
-        return [dataclasses.replace(hits[int(i)], score=float(scores[i]), rank=r) for r, i in enumerate(order, start=1)]
+        return [dataclasses.replace(hits[int(i)], score=float(scores[i]), rerank_score=float(scores[i]), rank=r)
+                for r, i in enumerate(order, start=1)]
     text = [h.text_score for h in hits]
     fused = fuse_legs(scores, text, ranker=search.hybrid_ranker, weights=tuple(search.hybrid_weights), rrf_k=search.rrf_k)
     order = np.argsort(-fused, kind="stable")[:k]

@@ -51,9 +51,9 @@ def encode_videos(
     from ..workers import worker_context
 
     encoder.warm_up()
-    batch_size = int(getattr(encoder.config, "batch_size", 32))
+    batch_size = encoder.batch_size
     # spawning workers costs seconds: worth it only when there is a next video to decode meanwhile
-    workers = min(int(getattr(encoder.config, "workers", 0)), len(paths)) if len(paths) > 1 else 0
+    workers = min(encoder.workers, len(paths)) if len(paths) > 1 else 0
     transform = encoder.image_transform if image_side is None else Transforms(encoder.image_transform, image_side.transform)
     dataset = VideoFileDataset(paths, transform, cfg, known_ids=known_ids)
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate_video,
@@ -85,13 +85,6 @@ def encode_videos(
             yield EncodedVideo(item, segs, vectors=emb[reps], tokens=tokens, frames=len(emb))
 
 
-def frame_similarities(emb: Any) -> np.ndarray:
-    """Cosines of consecutive frames' embeddings [N-1] (what :func:`~mm_retrieval.video.segment`
-    thresholds): for measuring a threshold on real videos."""
-    e = np.asarray(emb, dtype=np.float32)
-    return np.sum(e[1:] * e[:-1], axis=1)
-
-
 def segment_tokens(encoder: Encoder, rows: list[dict[str, Any]], *, image_side: ImageSide | None = None,
                    max_bytes: int | None = None) -> Iterator[tuple[dict[str, Any], np.ndarray | None, str | None]]:
     """Tokens of indexed video segments, for backfilling a token cache (``mmr cache build``):
@@ -108,7 +101,7 @@ def segment_tokens(encoder: Encoder, rows: list[dict[str, Any]], *, image_side: 
     encoder.warm_up()
     limit = DEFAULT_MAX_VIDEO_BYTES if max_bytes is None else max_bytes
     transform = encoder.image_transform if image_side is None else image_side.transform
-    batch_size = int(getattr(encoder.config, "batch_size", 32))
+    batch_size = encoder.batch_size
     digests: dict[str, str | None] = {}
     pending: list[tuple[dict[str, Any], Any]] = []
 

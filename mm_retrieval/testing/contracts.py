@@ -124,6 +124,13 @@ class EncoderContract:
         assert info["dim"] == encoder.dim and isinstance(encoder.dim, int) and encoder.dim > 0
         assert isinstance(encoder.device, str)
 
+    def test_run_time_settings_are_declared(self, encoder):
+        # what index runs read (Encoder.batch_size, workers, index_threads, max_pixels)
+        assert isinstance(encoder.batch_size, int) and encoder.batch_size >= 1
+        assert isinstance(encoder.workers, int) and encoder.workers >= 0
+        assert isinstance(encoder.index_threads, int) and encoder.index_threads >= 0
+        assert isinstance(encoder.max_pixels, int) and encoder.max_pixels > 0
+
     def test_text_vectors_are_normalised_and_deterministic(self, encoder):
         a = encoder.encode_text(self.texts)
         assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == (len(self.texts), encoder.dim)
@@ -186,6 +193,18 @@ class StoreContract:
         """A filter keeping rows whose metadata ``group`` is ``group`` (the store's filter language)."""
         return f'metadata["group"] == "{group}"'
 
+    def filter_cases(self) -> list[tuple[str, Any]]:
+        """(filter, which rows of :meth:`rows` it keeps) pairs in the store's filter language: by
+        default the ``--filter`` language (Milvus' expressions) that the Store docstring names. A
+        store that speaks another returns its own, or [] to skip the test."""
+        return [
+            ('metadata["i"] >= 3 and metadata["i"] < 6', lambda r: 3 <= r["metadata"]["i"] < 6),
+            ('caption like "caption 1%"', lambda r: r["caption"].startswith("caption 1")),
+            ('path in ["/contract/img1.png", "/contract/img2.png"] or metadata["group"] == "b"',
+             lambda r: r["metadata"]["group"] == "b" or r["i"] in (1, 2)),
+            ('not (metadata["i"] < 9)', lambda r: r["metadata"]["i"] >= 9),
+        ]
+
     def rows(self) -> list[dict[str, Any]]:
         """Rows 0-3: image + text; 4-8: image only; 9-11: text only (zero image vector)."""
         rng = np.random.default_rng(7)
@@ -217,6 +236,7 @@ class StoreContract:
         assert isinstance(store.name, str) and store.name
         assert store.metric in ("IP", "COSINE", "L2")
         assert store.cache_dir().name  # a Path
+        assert store.local_path is None or store.local_path.is_absolute()  # one process at a time: that file
 
     def test_missing_collection_reads_as_empty(self, store):
         assert not store.exists()
@@ -299,6 +319,12 @@ class StoreContract:
         group_a = [r["id"] for r in store.iter_rows(("id",), filter=self.group_filter("a"))]
         assert sorted(group_a) == sorted(r["id"] for r in rows if r["metadata"]["group"] == "a")
 
+    def test_filter_language(self, store):
+        rows = self.filled(store)
+        for expr, keep in self.filter_cases():
+            got = sorted(r["id"] for r in store.iter_rows(("id",), filter=expr))
+            assert got == sorted(r["id"] for i, r in enumerate(rows) if keep({**r, "i": i})), expr
+
     def test_query(self, store):
         rows = self.filled(store)
         got = store.query(self.group_filter("b"), ["id", "path"], 3)
@@ -335,6 +361,14 @@ class StoreContract:
         (hits,) = store.search(rows[0]["vector"][None], len(rows), self.group_filter("b"))
         assert hits and all(h.metadata["group"] == "b" for h in hits)
         assert sorted(h.id for h in hits) == sorted(r["id"] for r in rows if r["has_image"] and r["metadata"]["group"] == "b")
+
+    def test_a_bad_filter_is_an_input_error(self, store):
+        rows = self.filled(store)
+        bad = 'metadata["group"] == '  # no right-hand side
+        with pytest.raises(InputError):
+            store.check_filter(bad)  # the cheap check may pass it on to the search ...
+            store.search(rows[0]["vector"][None], 3, bad)  # ... which must not
+        store.check_filter(self.group_filter("a"))
 
     def test_text_mode(self, store):
         rows = self.filled(store)
@@ -473,6 +507,7 @@ class RerankerContract:
         assert [h.id for h in out] == [hits[int(i)].id for i in order]
         assert [h.rank for h in out] == list(range(1, k + 1))
         assert [h.score for h in out] == pytest.approx([float(scores[i]) for i in order], rel=1e-4, abs=1e-4)
+        assert [h.rerank_score for h in out] == [h.score for h in out]  # every hit it scored says so
         by_id = {h.id: h for h in hits}
         assert all(h.retrieval_score == by_id[h.id].retrieval_score for h in out)
 

@@ -67,11 +67,15 @@ def make_video(
     size: int = 64,
     codec: str | None = None,
     seed: int = 0,
+    metadata: dict[str, str] | None = None,
 ) -> list[tuple[float, float]]:
     """Write a video of ``scenes`` (``(spec, seconds)`` pairs, shown in order) to ``path``,
     creating its folder. Each frame carries a little seeded noise (like a camera), so frames of
     one scene are near-identical but not equal. The container follows the suffix; the codec is
     VP8 for .webm, H.264 for .mp4/.mov/.mkv/.m4v, MPEG-4 for .avi unless ``codec`` names one.
+
+    ``metadata``: container tags, as a phone writes them (``creation_time``
+    ``2024-06-01T12:00:00Z``, ``location`` ``+37.7749-122.4194/``).
 
     Returns each scene's true ``(start, end)`` in seconds (a scene lasts ``round(seconds * fps)``
     frames, at least one)."""
@@ -83,6 +87,7 @@ def make_video(
     rng = np.random.default_rng(seed)
     intervals: list[tuple[float, float]] = []
     with av.open(str(path), mode="w") as out:
+        out.metadata.update(metadata or {})
         stream = out.add_stream(_codec_for(path, codec), rate=Fraction(fps))
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"

@@ -16,7 +16,7 @@ checks what this code sends and how it reacts (files streamed while rows come, t
 naming exactly the uploaded keys, progress, completion, a failed job's reason, a bounded wait);
 not tested here: what a real MinIO and Milvus do with them. Milvus Lite (the only Milvus this
 machine can run) has neither object storage nor the import API; docker-compose.yml's Milvus
-standalone + MinIO has both (README "Scaling it out" shows the run to try).
+standalone + MinIO has both (docs/scaling.md, "Scaling it out", shows the run to try).
 """
 
 import email.utils

@@ -53,19 +53,24 @@ class Run:
 
     def survivors(self) -> list[int]:
         """Live processes this run started (found by the token in their environment)."""
-        mark = f"MMR_TEST_RUN={self.token}".encode()
-        found = []
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/environ", "rb") as f:
-                        if mark in f.read().split(b"\0"):
-                            with open(f"/proc/{d}/stat") as s:
-                                if s.read().rsplit(")", 1)[1].split()[0] != "Z":  # not a zombie
-                                    found.append(int(d))
-                except OSError:
-                    continue
-        return found
+        return _survivors(self.token)
+
+
+def _survivors(token: str) -> list[int]:
+    """Live processes whose environment carries ``MMR_TEST_RUN=token``."""
+    mark = f"MMR_TEST_RUN={token}".encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        with open(f"/proc/{d}/stat") as s:
+                            if s.read().rsplit(")", 1)[1].split()[0] != "Z":  # not a zombie
+                                found.append(int(d))
+            except OSError:
+                continue
+    return found
 
 
 def _locks(db, collection):
@@ -118,10 +123,12 @@ def folder(tmp_path):
 
 
 # batch_decoded / mid_tokens / after_tokens / after_upsert: the index run's own steps;
+# mid_slot: in the middle of one slot's bytes (the 9th image: the 3rd batch's first);
 # decoding: the run dies while a decoding worker is busy with a file
 # CI kills at two points (a worker busy decoding; rows stored); the others are `extended`.
 FAILPOINTS = [pytest.param("batch_decoded=3", marks=pytest.mark.extended), pytest.param("mid_tokens=3", marks=pytest.mark.extended),
-              pytest.param("after_tokens=3", marks=pytest.mark.extended), "after_upsert=4", "decoding=6"]
+              pytest.param("mid_slot=9", marks=pytest.mark.extended), pytest.param("after_tokens=3", marks=pytest.mark.extended),
+              "after_upsert=4", "decoding=6"]
 
 
 @pytest.mark.slow
@@ -142,6 +149,48 @@ def test_killed_index_restarted_at_once_resumes_on_a_milvus_server(tmp_path, fol
     report = _kill_and_restart(tmp_path, folder, milvus_server, failpoint, collection)
     assert report["indexed"] + report["unchanged"] == N
     _check_complete(milvus_server, collection)
+
+
+# One process indexes twice, as a server or a watch loop would; the first run's fork server (the
+# decoding workers' parent, mm_retrieval.workers) is SIGKILLed while a worker decodes.
+_SERVER_KILLED = """
+import json, sys, time
+from mm_retrieval import Pipeline
+from mm_retrieval.errors import StageError
+
+if __name__ == "__main__":
+    folder, db = sys.argv[1], sys.argv[2]
+    with Pipeline(db=db, encoder={"model": "mmr-tiny", "pretrained": "none", "batch_size": 4, "workers": 2}) as pipe:
+        try:
+            pipe.index(folder, progress=False)
+            print(json.dumps({"first": "completed"}), flush=True)
+        except StageError as e:
+            print(json.dumps({"first": str(e)}), flush=True)
+        print(json.dumps({"again": pipe.index(folder, progress=False).to_dict()}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_killed_fork_server_fails_the_run_clearly_and_the_next_run_starts_a_new_one(tmp_path, folder):
+    db, once = tmp_path / "mmr.db", tmp_path / "once"
+    once.mkdir()
+    token = uuid.uuid4().hex
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMR_TEST_RUN": token, "MMR_FAILPOINTS": "fork_server=6",
+           "MMR_FAILPOINT_ONCE_DIR": str(once)}  # the second run's new fork server is not killed again
+    out = tmp_path / "out.jsonl"
+    with open(out, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", _SERVER_KILLED, str(folder), str(db)], stdout=f,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, again = (json.loads(line) for line in out.read_text().splitlines())
+    assert (once / "fork_server").exists()
+    assert "fork server" in first["first"] and "killed by signal 9" in first["first"], first
+    assert again["again"]["indexed"] + again["again"]["unchanged"] == N
+    deadline = time.monotonic() + 2
+    while _survivors(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _survivors(token) == [], "the fork server or a worker outlived the process by more than 2 s"
+    _check_complete(db)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import random
 import re
 import shutil
 import signal

@@ -1,6 +1,5 @@
 """Indexing and searching through the real pipeline: Milvus Lite, the tiny open_clip model."""
 
-import json
 import shutil
 
 import pandas as pd

@@ -154,7 +154,7 @@ def test_max_batch_1_runs_requests_one_by_one(demo):
 def test_batching_throughput_benchmark():
     """benchmarks/server_batching.py, shortened: batches form under load, and batching does not
     collapse throughput. (The speedup itself is reported, not asserted: on a shared 2-core
-    machine it is noise-bound; see the README for a measurement.)"""
+    machine it is noise-bound; see docs/serving.md for a measurement.)"""
     import importlib.util
     from pathlib import Path
 

@@ -138,7 +138,7 @@ def test_the_documented_index_command_runs_through_them(compose, ray_services):
     assert all(any(source == m or source.startswith(m + "/") for m in ms) for ms in mounts), \
         "the driver (head) and the actors (workers) must see the images at the same path"
     assert " ".join(command) in (ROOT / "docker-compose.yml").read_text()  # and the header comment shows it
-    assert "--ray auto" in (ROOT / "README.md").read_text()
+    assert "--ray auto" in (ROOT / "docs" / "scaling.md").read_text()
 
 
 def test_minio_is_reachable_for_bulk_import(compose):

@@ -65,7 +65,7 @@ def test_hybrid_rerank_keeps_text_evidence():
 def test_image_mode_is_the_reranker_order():
     out = apply_rerank_scores(_hits(), [2.0, 5.0, 4.0], 2, mode="image", search=SEARCH)
     assert [h.id for h in out] == ["b", "c"] and [h.score for h in out] == [5.0, 4.0]
-    assert [h.rank for h in out] == [1, 2] and out[0].rerank_score is None and out[0].retrieval_score == 0.02
+    assert [h.rank for h in out] == [1, 2] and [h.rerank_score for h in out] == [5.0, 4.0] and out[0].retrieval_score == 0.02
 
 
 def test_ties_keep_the_first_stage_order():

@@ -19,7 +19,7 @@ LOCK = ROOT / ".ci" / "constraints.txt"
 LOWEST = ROOT / ".ci" / "constraints-lowest.txt"
 
 
-def _requirements(extras: tuple[str, ...] = ("test", "ray", "bulk")) -> list[Requirement]:
+def _requirements(extras: tuple[str, ...] = ("test", "ray", "bulk", "ocr")) -> list[Requirement]:
     lines = list(PYPROJECT["dependencies"])
     for extra in extras:
         lines += PYPROJECT["optional-dependencies"][extra]
@@ -44,7 +44,7 @@ def _version(req: Requirement) -> str:
 
 
 def test_extras_are_spelled_as_their_packages_publish_them():
-    # pip 23 (what `python3 -m venv` brings on Python 3.10-3.12) matches extra names as written: a
+    # pip 23 (what `python3 -m venv` brings on Python 3.11 and 3.12) matches extra names as written: a
     # spelling the package does not publish installs nothing of it, with only a warning.
     wrong = []
     for req in _requirements():

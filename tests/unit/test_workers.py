@@ -86,3 +86,37 @@ def test_spawned_worker_dies_with_the_run_while_still_starting_up(tmp_path):
         _kill_run_then_worker_is_gone(run, worker)
     finally:
         run.kill()
+
+
+_HOLDING_RUN = """
+import sys, threading, time
+from mm_retrieval.workers import worker_context
+
+if __name__ == "__main__":
+    held = open(sys.argv[1], "a")  # stands for the database and lock files an index run holds
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # ... and its gRPC threads
+    p = worker_context().Process(target=time.sleep, args=(60,))
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_worker_is_forked_from_a_process_without_the_runs_files_or_threads(tmp_path):
+    """Workers come from the fork server (a fresh interpreter), not from the run: none of the
+    run's descriptors, and the process they are forked from has a single thread."""
+    held = tmp_path / "mmr.db.lock"
+    run = subprocess.Popen([sys.executable, "-c", _HOLDING_RUN, str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(run.stdout.readline())
+        with open(f"/proc/{worker}/stat") as f:
+            server = int(f.read().rsplit(")", 1)[1].split()[1])  # the worker's parent
+        assert server != run.pid
+        for pid in (worker, server):
+            files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert str(held) not in files, pid
+        assert len(os.listdir(f"/proc/{server}/task")) == 1  # forking a multi-threaded process can hang the child
+        _kill_run_then_worker_is_gone(run, worker)
+        assert _gone(server)
+    finally:
+        run.kill()

@@ -35,9 +35,19 @@ class SearchRequest(BaseModel):
                                                      "applies (a text query, image or hybrid mode); true: insist (422 saying why when it can't).")
     group_by_video: Optional[bool] = Field(None, description="Default true: at most one hit per video (its best-scoring moment), so one long "
                                                              "video cannot fill the page; false: every matching moment.")
-    mode: Optional[Literal["auto", "image", "text", "hybrid"]] = Field(
+    min_score: Optional[float] = Field(None, allow_inf_nan=False, description="The hits are every one whose first-stage similarity is "
+                                       "above this (Milvus range search, at most 1000) instead of a fixed top k; k and offset page through "
+                                       "them (in `sort` order). Model-specific: pick it from scores of known matches (docs/collections.md: "
+                                       "'Choosing --min-score').")
+    sort: str = Field("", max_length=200, pattern=r"^[-A-Za-z0-9_.,]*$",
+                      description="Order the hits by metadata fields instead of relevance: -taken is newest first; comma-separated "
+                                  "for several; score, path and caption too. Hits without the field come last.")
+    collapse_duplicates: bool = Field(False, description="true: one hit per group of near-duplicates (re-saved, resized, cropped or "
+                                                         "turned copies of one photo, as `mmr duplicates` groups them), its best-ranked.")
+    mode: Optional[Literal["auto", "image", "text", "hybrid", "ocr"]] = Field(
         None, description="Search image vectors, the items' text vectors, or both fused. Default auto: a text query searches both (hybrid) "
-                          "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images).")
+                          "when the collection holds text vectors, else image vectors. Auto for an image query searches image vectors (similar images). "
+                          "ocr: the words read in the images (a collection indexed with --ocr); each hit's metadata.ocr has the words' boxes.")
 
 
 class VideoRef(BaseModel):
@@ -56,11 +66,13 @@ class SearchHit(BaseModel):
     has_image: Optional[bool] = Field(None, description="Present (false) only for text-only items.")
     image_score: Optional[float] = Field(None, description="Hybrid mode: the image-vector similarity.")
     text_score: Optional[float] = Field(None, description="Hybrid mode: the text-vector similarity (absent: the item has no text).")
-    rerank_score: Optional[float] = Field(None, description="Hybrid mode, reranked: the reranker's score; `score` fuses it with the text leg.")
+    rerank_score: Optional[float] = Field(None, description="Reranked: the reranker's score (hybrid mode: `score` fuses it with the text leg).")
     video: Optional[VideoRef] = Field(None, description="Present only for a moment of a video: the video it is from.")
     start: Optional[float] = Field(None, description="A video moment's start, seconds from the video's beginning.")
     end: Optional[float] = Field(None, description="A video moment's end, seconds.")
     frame: Optional[float] = Field(None, description="The time of the moment's representative frame (what /thumb/{id} shows), seconds.")
+    moment: Optional[str] = Field(None, description="A video moment's span as shown, e.g. \"0:13–0:21\" (start rounded down, end up; "
+                                                    "`mmr search` prints the same).")
 
 
 class SearchResponse(BaseModel):
@@ -76,5 +88,6 @@ async def search(engine: Engine, req: SearchRequest) -> dict:
     image = image_from_base64(req.image, engine.config, "image") if req.image is not None else None
     result = await engine.search(req.query, image=image, image_id=req.image_id, k=req.k, candidates=req.candidates,
                                  filter=req.filter, rerank=req.rerank, mode=req.mode, offset=req.offset,
-                                 group_by_video=req.group_by_video)
+                                 group_by_video=req.group_by_video, min_score=req.min_score, sort=req.sort,
+                                 collapse_duplicates=req.collapse_duplicates)
     return result.to_dict()

@@ -8,7 +8,7 @@ best first; ``text`` only when ``return_text``. Errors: ``{"error", "error_type"
 is no usable document), 429 ``overloaded``.
 
 TEI squashes scores with a sigmoid unless ``raw_scores``; here the score is always the reranker's
-logit (see the README), because a sigmoid of ``100 x cosine`` is 1.0 for every candidate and
+logit (see docs/serving.md), because a sigmoid of ``100 x cosine`` is 1.0 for every candidate and
 would erase the ranking that clients such as Milvus sort by.
 """
 

@@ -101,7 +101,8 @@ async function loadInfo() {
   }
   $("candidates").value = info.defaults.candidates;
   $("candidates").max = info.limits.max_k;
-  $("mode-label").hidden = info.modes.length < 2;  // modes other than image need text vectors
+  $("mode-label").hidden = info.modes.length < 2;  // modes other than image need text vectors (ocr: text read in images)
+  for (const opt of $("mode").options) opt.hidden = !info.modes.includes(opt.value);
   $("mode").value = info.defaults.mode;
   $("group-label").hidden = !info.videos;  // grouping matters only where videos are indexed
   $("query").maxLength = info.limits.max_query_chars;
@@ -129,8 +130,13 @@ function buildRequest() {
   if (!(state.info && state.info.reranker && $("rerank").checked)) body.rerank = false;
   if (!$("mode-label").hidden && $("mode").value !== "auto") body.mode = $("mode").value;
   if (!$("group-label").hidden && !$("group-by-video").checked) body.group_by_video = false;  // default: one per video
+  if ($("collapse-duplicates").checked) body.collapse_duplicates = true;
   const filter = $("filter").value.trim();
   if (filter) body.filter = filter;
+  const minScore = parseFloat($("min-score").value);
+  if (Number.isFinite(minScore)) body.min_score = minScore;
+  const sort = $("sort").value.trim();
+  if (sort) body.sort = sort;
   return body;
 }
 
@@ -169,14 +175,9 @@ function fmt(x) { return typeof x === "number" ? x.toFixed(3) : "–"; }
 
 function basename(path) { return (path || "").split(/[\\/]/).pop() || "(no file)"; }
 
-// Seconds as m:ss (h:mm:ss from an hour): a moment's start rounds down, its end up.
-function clock(seconds, round = Math.floor) {
-  const t = Math.max(0, round(seconds));
-  const h = Math.floor(t / 3600), m = Math.floor((t % 3600) / 60), s = String(t % 60).padStart(2, "0");
-  return h ? `${h}:${String(m).padStart(2, "0")}:${s}` : `${m}:${s}`;
-}
-
-function momentText(hit) { return `${clock(hit.start)}–${clock(hit.end, Math.ceil)}`; }
+// A moment's span ("0:13–0:21") as the server words it (mm_retrieval.types.moment_text), so the
+// page and `mmr search` never round it differently.
+function momentText(hit) { return hit.moment || ""; }
 
 function isMoment(hit) { return Boolean(hit.video) && typeof hit.start === "number" && typeof hit.end === "number"; }
 
@@ -199,6 +200,29 @@ function render(doc, body) {
   renderPager(hits.length, body, doc.reranked);
 }
 
+// --mode ocr: the matched words' boxes over the thumbnail. The SVG's viewBox is the image's size
+// (as displayed: EXIF orientation applied, like the thumbnail) and "meet" fits it as the image's
+// object-fit: contain does, so the boxes land on the words at any thumbnail size.
+function ocrBoxes(hit) {
+  const ocr = hit.metadata && hit.metadata.ocr;
+  if (!ocr || !Array.isArray(ocr.matches) || !ocr.matches.length || !Array.isArray(ocr.size)) return null;
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "ocr-boxes");
+  svg.setAttribute("viewBox", `0 0 ${ocr.size[0]} ${ocr.size[1]}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+  for (const [word, x0, y0, x1, y1] of ocr.matches) {
+    const r = document.createElementNS(ns, "rect");
+    r.setAttribute("x", x0); r.setAttribute("y", y0);
+    r.setAttribute("width", Math.max(1, x1 - x0)); r.setAttribute("height", Math.max(1, y1 - y0));
+    const t = document.createElementNS(ns, "title");
+    t.textContent = `read: ${word}`;
+    r.append(t);
+    svg.append(r);
+  }
+  return svg;
+}
+
 function card(hit, doc) {
   const fig = document.createElement("figure");
   fig.className = "card";
@@ -213,6 +237,8 @@ function card(hit, doc) {
     img.loading = "lazy";
     setImage(img, `thumb/${hit.id}`).catch(() => { img.alt = "image unavailable"; });
     box.append(img);
+    const words = ocrBoxes(hit);
+    if (words) box.append(words);
     if (isMoment(hit)) {  // the representative frame, with where in the video the moment is
       fig.classList.add("moment");
       fig.dataset.video = hit.video.id;
@@ -260,7 +286,7 @@ function scoreColumns(doc, byImage) {
   const text = { key: "text", label: "text", kind: "text", name: "caption similarity",
     meaning: `cosine of the ${query} and the caption vectors`, value: (h) => h.text_score };
   const rerank = { key: "rerank", label: "rerank", kind: "rerank", name: "reranker score",
-    meaning: "the reranker's score (a logit: higher is better)", value: (h) => h.score };
+    meaning: "a logit, higher is better", value: (h) => h.score };
   if (doc.mode === "hybrid") {
     const fused = { key: "fused", label: "fused", kind: "fused", name: "fused score",
       meaning: `fusion of the ${doc.reranked ? "reranker" : "image"} ranking and the caption ranking`, value: (h) => h.score };
@@ -269,6 +295,8 @@ function scoreColumns(doc, byImage) {
     return cols.concat([{ ...image, value: (h) => h.image_score }, text]);
   }
   if (doc.mode === "text") return [{ ...text, value: (h) => h.score }];
+  if (doc.mode === "ocr") return [{ key: "words", label: "words", kind: "text", name: "words read in the image",
+    meaning: "0.5 for the share of query words read in the image, 0.4 when they appear as the phrase, 0.1 for whole words", value: (h) => h.score }];
   if (doc.reranked) return [rerank, image];
   return [{ ...image, value: (h) => h.score }];
 }
@@ -331,6 +359,21 @@ function readImageFile(file) {
 }
 
 // ---- detail view and heatmaps ------------------------------------------------------------
+// What the file says about itself (mm_retrieval/media_meta.py: taken, place, camera, size).
+function fileMetaRows(m) {
+  const rows = [];
+  const source = { exif: "from the photo", video: "from the video", file: "the file's time", table: "from the table" };
+  if (m.taken) rows.push(["Taken", `${String(m.taken).replace("T", " ")}${source[m.taken_source] ? ` (${source[m.taken_source]})` : ""}`]);
+  if (typeof m.lat === "number" && typeof m.lon === "number") {
+    rows.push(["Place", `${m.lat.toFixed(5)}, ${m.lon.toFixed(5)}${typeof m.alt === "number" ? ` · ${m.alt} m` : ""}`]);
+  }
+  const camera = [m.make, m.model].filter((x) => typeof x === "string" && x).join(" ");
+  if (camera) rows.push(["Camera", camera + (m.lens ? ` · ${m.lens}` : "")]);
+  else if (m.lens) rows.push(["Lens", String(m.lens)]);
+  if (m.width && m.height) rows.push(["Size", `${m.width} × ${m.height} px${m.duration ? ` · ${m.duration} s` : ""}`]);
+  return rows;
+}
+
 async function openDetail(hit, doc) {
   const query = state.request && state.request.query !== undefined ? state.request.query.trim() : null;
   state.detail = { hit, query, explanation: null, word: -1, head: -1, image: null };
@@ -348,6 +391,7 @@ async function openDetail(hit, doc) {
   if (!doc.reranked) rows.push(["Reranker score", "– (not reranked)"]);
   if (isMoment(hit)) rows.push(["Moment", `${momentText(hit)} (${hit.start.toFixed(2)}–${hit.end.toFixed(2)} s; frame shown at ${fmt(hit.frame)} s)`]);
   if (hit.caption) rows.push(["Caption", hit.caption]);
+  rows.push(...fileMetaRows(hit.metadata || {}));
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v;
@@ -442,7 +486,7 @@ async function showPlayer(hit, d) {
   if (!isMoment(hit)) return;
   player.dataset.start = String(hit.start);
   player.dataset.ready = "false";
-  $("player-note").textContent = `Plays ${basename(hit.video.path)} from ${clock(hit.start)} (the moment ends at ${clock(hit.end, Math.ceil)}).`;
+  $("player-note").textContent = `Plays ${basename(hit.video.path)} from the moment ${momentText(hit)}.`;
   // handler properties, not listeners: a later hit's player replaces them
   player.onloadedmetadata = () => {
     player.currentTime = Math.min(hit.start, Number.isFinite(player.duration) ? player.duration : hit.start);
@@ -550,7 +594,10 @@ function saveHash(body, page) {
   p.set("rerank", body.rerank === false ? "0" : "1");
   if (body.mode) p.set("mode", body.mode);
   if (body.group_by_video === false) p.set("group", "0");
+  if (body.collapse_duplicates) p.set("dedupe", "1");
   if (body.filter) p.set("filter", body.filter);
+  if (body.min_score !== undefined) p.set("min_score", body.min_score);
+  if (body.sort) p.set("sort", body.sort);
   history.replaceState(null, "", "#" + p.toString());
 }
 
@@ -564,7 +611,10 @@ function restoreHash() {
   if (p.has("rerank") && !$("rerank").disabled) $("rerank").checked = p.get("rerank") === "1";
   if (p.has("mode")) $("mode").value = p.get("mode");
   $("group-by-video").checked = p.get("group") !== "0";
+  $("collapse-duplicates").checked = p.get("dedupe") === "1";
   if (p.has("filter")) $("filter").value = p.get("filter");
+  if (p.has("min_score")) $("min-score").value = p.get("min_score");
+  if (p.has("sort")) $("sort").value = p.get("sort");
   search(Math.max(1, parseInt(p.get("page"), 10) || 1));
   return true;
 }
@@ -573,7 +623,7 @@ function restoreHash() {
 function wire() {
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search(1); });
   // Changing an option re-runs the current search from page 1.
-  for (const id of ["rerank", "mode", "candidates", "per-page", "group-by-video"]) {
+  for (const id of ["rerank", "mode", "candidates", "per-page", "group-by-video", "collapse-duplicates", "min-score", "sort"]) {
     $(id).addEventListener("change", () => { if (state.request) search(1); });
   }
   $("prev").addEventListener("click", () => runPage(state.page - 1));

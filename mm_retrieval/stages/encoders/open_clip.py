@@ -13,10 +13,12 @@ the same forward pass also yields the token features the reranker caches.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -62,46 +64,55 @@ class OpenClipEncoder(Encoder):
 
     # ---- resolution (cheap, no weights loaded) -------------------------------------------
     @cached_property
-    def _resolved(self) -> tuple[str, str | None, str]:
-        """(open_clip model name, pretrained argument, weights identity)."""
-        import open_clip
-
-        from ...models.tiny import register_tiny_configs
-
-        register_tiny_configs()
+    def _identity(self) -> tuple[str, str | None, str, bool]:
+        """(open_clip model name, pretrained argument, weights identity, whether the pretrained tag
+        still needs checking against open_clip's list). Read from files only, without importing
+        open_clip (which imports torch: seconds) where that is possible: architectures from their
+        config files, model directories, hf-hub names, weight files and ``none``. So a model other
+        than a collection's is refused before anything heavy loads (:meth:`cheap_info`)."""
         model, pretrained = self.config.model, self.config.pretrained
         p = Path(model).expanduser()
         if model.startswith(("hf-hub:", "local-dir:")):
             if model.startswith("local-dir:"):
-                return self._local_dir(Path(model[len("local-dir:"):]))
-            return model, None, model
+                return (*self._local_dir(Path(model[len("local-dir:"):])), False)
+            return model, None, model, False
         if p.is_dir():
-            return self._local_dir(p)
+            return (*self._local_dir(p), False)
         if p.suffix == ".json" and p.is_file():
+            import open_clip  # the file's architecture is known to open_clip once registered
+
             open_clip.add_model_config(p)
             model = p.stem
-        elif model not in open_clip.list_models():
-            close = difflib.get_close_matches(model, open_clip.list_models(), n=5, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"unknown model {model!r}: not an open_clip architecture, an hf-hub: name, a model directory "
-                f"or a model-config JSON file.{hint} See open_clip.list_models() for architectures."
-            )
+        else:
+            known = _known_models()
+            if model not in known:
+                close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise ConfigError(
+                    f"unknown model {model!r}: not an open_clip architecture, an hf-hub: name, a model directory "
+                    f"or a model-config JSON file.{hint} See open_clip.list_models() for architectures."
+                )
         if pretrained is None:
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            pretrained = DEFAULT_PRETRAINED.get(model) or (tags[0] if tags else "none")
+            pretrained = _default_tag(model)
         if pretrained.lower() in NO_WEIGHTS:
-            return model, None, f"random-init/seed{self.config.seed}"
+            return model, None, f"random-init/seed{self.config.seed}", False
         wp = Path(pretrained).expanduser()
         if wp.is_file():
-            return model, str(wp.resolve()), f"file/{file_digest(wp)[:16]}"
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained not in tags:
-            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-                raise ConfigError(f"pretrained weights file not found: {pretrained}")
-            listing = ", ".join(tags) or "(none: pass --pretrained PATH to a checkpoint, or --pretrained none)"
-            raise ConfigError(f"unknown pretrained tag {pretrained!r} for {model}; known tags: {listing}")
-        return model, pretrained, f"{model}/{pretrained}"
+            return model, str(wp.resolve()), f"file/{file_digest(wp)[:16]}", False
+        if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise ConfigError(f"pretrained weights file not found: {pretrained}")
+        return model, pretrained, f"{model}/{pretrained}", pretrained != DEFAULT_PRETRAINED.get(model)
+
+    @cached_property
+    def _resolved(self) -> tuple[str, str | None, str]:
+        """(open_clip model name, pretrained argument, weights identity), the tag checked."""
+        name, pretrained, weights, unchecked = self._identity
+        if unchecked:
+            tags = _pretrained_tags(name)
+            if pretrained not in tags:
+                listing = ", ".join(tags) or "(none: pass --pretrained PATH to a checkpoint, or --pretrained none)"
+                raise ConfigError(f"unknown pretrained tag {pretrained!r} for {name}; known tags: {listing}")
+        return name, pretrained, weights
 
     def _local_dir(self, d: Path) -> tuple[str, None, str]:
         d = d.expanduser().resolve()
@@ -119,27 +130,40 @@ class OpenClipEncoder(Encoder):
 
     @cached_property
     def fingerprint(self) -> str:  # type: ignore[override]
-        """Identifies architecture + weights; computed without loading the model."""
+        """Identifies architecture + weights; computed without loading the model (an unknown
+        pretrained tag is an error, not a fingerprint)."""
         name, _, weights = self._resolved
-        arch = name if name.startswith(("hf-hub:", "local-dir:")) else json.dumps(_model_cfg(name), sort_keys=True)
-        if name.startswith("local-dir:"):
-            arch = "local-dir"  # the weights identity already covers the config file
-        return hashlib.sha256(f"{arch}|{weights}".encode()).hexdigest()[:16]
+        return _fingerprint(name, weights)
+
+    def cheap_info(self) -> dict[str, Any]:
+        """:meth:`info` from files only (no open_clip import); ``dim`` None where only the loaded
+        model knows it (hf-hub). A pretrained tag is not yet checked against open_clip's list: a
+        wrong one still gives another fingerprint than any collection's (built with a real one)."""
+        name, _, weights, _ = self._identity
+        dim = self._dim if self._warm else _config_dim(name)
+        return {"stage": self.stage_name, "fingerprint": _fingerprint(name, weights), "dim": dim, **self._names(weights)}
 
     def info(self) -> dict[str, Any]:
         """Recorded in the collection; ``model``/``pretrained`` reload the same encoder later."""
         _, _, weights = self._resolved
+        return {**super().info(), **self._names(weights)}
+
+    def _names(self, weights: str) -> dict[str, Any]:
         model, pretrained = self.config.model, self.config.pretrained
         if not model.startswith(("hf-hub:", "local-dir:")) and Path(model).expanduser().exists():
             model = str(Path(model).expanduser().resolve())
         if pretrained and Path(pretrained).expanduser().is_file():
             pretrained = str(Path(pretrained).expanduser().resolve())
-        return {**super().info(), "model": model, "pretrained": pretrained, "weights": weights}
+        return {"model": model, "pretrained": pretrained, "weights": weights}
 
     # ---- loading ---------------------------------------------------------------------------
     def _warm_up(self) -> None:
         import open_clip
         import torch
+
+        from ...models.tiny import register_tiny_configs
+
+        register_tiny_configs()
 
         name, pretrained, weights = self._resolved
         self.device = resolve_device(self.config.device)
@@ -311,8 +335,6 @@ class OpenClipEncoder(Encoder):
     def _trim_agrees(self) -> bool:
         """Warm-up self-check of the trimmed path against open_clip's own, in fp32 (catches an
         open_clip version whose text tower differs from what :func:`_encode_trimmed` replays)."""
-        import torch
-
         ids = self.tokenizer(["a photo of a dog", "two"]).to(self.device)
         mask = ids != _pad_id(self.tokenizer)
         dtype, self._autocast_dtype = self._autocast_dtype, None
@@ -488,10 +510,82 @@ class _no_duplicate_warning:
         logging.getLogger().removeFilter(self.filter)
 
 
+def _fingerprint(name: str, weights: str) -> str:
+    """Architecture (its config; for hf-hub its name) + weights identity, hashed."""
+    arch = name if name.startswith(("hf-hub:", "local-dir:")) else json.dumps(_model_cfg(name), sort_keys=True)
+    if name.startswith("local-dir:"):
+        arch = "local-dir"  # the weights identity already covers the config file
+    return hashlib.sha256(f"{arch}|{weights}".encode()).hexdigest()[:16]
+
+
 def _model_cfg(name: str) -> dict:
+    """open_clip's config of architecture ``name`` ({} if it has none). Before open_clip is
+    imported, read from the same JSON files it reads (its own ``model_configs``, then the tiny
+    ones shipped here), so that a fingerprint costs no torch import; once it is imported (it may
+    hold configs registered at run time), open_clip answers."""
+    if "open_clip" not in sys.modules:
+        cfg = _config_files().get(name)
+        if cfg is not None:
+            return json.loads(cfg.read_text())
     import open_clip
 
+    from ...models.tiny import register_tiny_configs
+
+    register_tiny_configs()
     return open_clip.get_model_config(name) or {}
+
+
+@functools.lru_cache(maxsize=1)
+def _config_files() -> dict[str, Path]:
+    """Architecture name -> config file, as open_clip registers them (later folders win), found
+    without importing open_clip; empty when open_clip is not installed."""
+    import importlib.util
+
+    from ...models.tiny import CONFIG_DIR
+
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(d) / "model_configs" for d in (spec.submodule_search_locations or [])] if spec else []
+    files: dict[str, Path] = {}
+    for folder in [*folders, CONFIG_DIR]:
+        for f in sorted(folder.glob("*.json")):
+            try:
+                cfg = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                files[f.stem] = f
+    return files
+
+
+def _known_models() -> list[str]:
+    """The architecture names open_clip knows (``open_clip.list_models()``, tiny ones included)."""
+    if "open_clip" not in sys.modules:
+        return list(_config_files())
+    import open_clip
+
+    from ...models.tiny import register_tiny_configs
+
+    register_tiny_configs()
+    return open_clip.list_models()
+
+
+def _default_tag(model: str) -> str:
+    """The weights an architecture gets when none are named: ours for the common ones, else
+    open_clip's first tag; "none" (seeded random) for the tiny ones shipped here and for an
+    architecture without published weights."""
+    from ...models.tiny import CONFIG_DIR
+
+    if model in DEFAULT_PRETRAINED:
+        return DEFAULT_PRETRAINED[model]
+    if (CONFIG_DIR / f"{model}.json").is_file():
+        return "none"
+    return (_pretrained_tags(model)[:1] or ["none"])[0]
+
+
+def _pretrained_tags(model: str) -> list[str]:
+    import open_clip
+
+    return open_clip.list_pretrained_tags_by_model(model)
 
 
 def _trim_exact(model) -> bool:

@@ -1,4 +1,6 @@
-"""Source ``folder``: every image and video file under a directory, recursively."""
+"""Source ``folder``: every image and video file under a directory, recursively. Every other
+file (a sidecar, a document) is listed in :attr:`~Source.problems` with why it was skipped; hidden
+files and folders are left out unless ``include_hidden``."""
 
 from __future__ import annotations
 
@@ -41,13 +43,23 @@ class FolderSource(Source):
             if not self.config.include_hidden:
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             dirnames.sort()
-            for name in filenames:
+            for name in sorted(filenames):  # problems listed in a stable order
                 if not self.config.include_hidden and name.startswith("."):
                     continue
-                if os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS:
+                ext = os.path.splitext(name)[1].lower()
+                if ext in MEDIA_EXTENSIONS:
                     found.append(Path(dirpath) / name)
+                else:  # listed, so that nothing in the folder is left out silently; a non-UTF-8
+                    # name's bytes escaped (caf\xe9.txt), as the indexer reports such image files
+                    where = os.fsencode(os.path.join(dirpath, name)).decode("utf-8", "backslashreplace")
+                    self._problems.append((where, _not_media(ext)))
         for p in sorted(found):
             yield Record(path=p)
 
     def _on_error(self, e: OSError) -> None:
         self._problem(str(e.filename), f"cannot list folder: {e.strerror or e}")
+
+
+def _not_media(ext: str) -> str:
+    shown = os.fsencode(ext).decode("utf-8", "backslashreplace") if ext else "no extension"
+    return f"not an image or video file type ({shown}); not indexed"

@@ -8,13 +8,13 @@ text vector and no image, so image queries can find it through its text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import InputError
 from ...registry import register
-from ...tables import json_safe, parquet_shards, read_table, resolve_path
+from ...tables import json_safe, parquet_shards, read_table, resolve_path, table_columns
 from ...types import Record
 from ..base import Source
 
@@ -32,6 +32,26 @@ class TableSource(Source):
     """One record per row; columns other than path and caption become metadata."""
 
     Config = TableConfig
+
+    def check(self) -> None:
+        """A table file: it reads, has a 'path' column and the --text-columns asked for (its
+        header only). A folder of shards: it holds some (each shard is checked as it is read)."""
+        table = Path(self.config.path).expanduser().resolve()
+        if table.is_dir():
+            if not parquet_shards(table):
+                raise InputError(f"table folder {table} holds no .parquet shards; pass a folder of images, a table file, or a folder of .parquet files")
+            return
+        columns = table_columns(table)
+        self._text_columns(table, columns)
+
+    def _text_columns(self, table: Path, columns: Sequence[str]) -> list[str]:
+        """The columns whose text gets a text vector; InputError naming those not in ``columns``."""
+        cap = self.config.caption_column
+        text_cols = list(self.config.text_columns) or ([cap] if cap in columns else [])
+        unknown = [c for c in text_cols if c not in columns]
+        if unknown:
+            raise InputError(f"--text-columns {', '.join(unknown)} not in table {table} (columns: {', '.join(map(str, columns))})")
+        return text_cols
 
     def records(self) -> Iterator[Record]:
         table = Path(self.config.path).expanduser().resolve()
@@ -53,12 +73,7 @@ class TableSource(Source):
     def _rows(self, table: Path, df) -> Iterator[Record]:
         """The records of one table (file or shard) ``table``, read into ``df``."""
         cap = self.config.caption_column
-        text_cols = list(self.config.text_columns) or ([cap] if cap in df.columns else [])
-        unknown = [c for c in text_cols if c not in df.columns]
-        if unknown:
-            raise InputError(
-                f"--text-columns {', '.join(unknown)} not in table {table} (columns: {', '.join(map(str, df.columns))})"
-            )
+        text_cols = self._text_columns(table, list(df.columns))
         meta_cols = [c for c in df.columns if c not in ("path", cap)]
         for row in df.to_dict(orient="records"):
             raw_caption = json_safe(row.get(cap)) if cap in row else None

@@ -170,7 +170,7 @@ def _encode_captions(encoder: OpenClipEncoder, captions: list[str]):
     """(emb [C, D], tokens [C, L, Dt] float32, mask [C, L]) with L trimmed to the longest caption."""
     import torch
 
-    step = max(1, int(getattr(encoder.config, "batch_size", 64)))
+    step = max(1, encoder.batch_size)
     embs, toks, masks = [], [], []
     for s in range(0, len(captions), step):
         emb, tok, mask = encoder.encode_text_tokens(captions[s : s + step])

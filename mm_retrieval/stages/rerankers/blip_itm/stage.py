@@ -13,6 +13,11 @@ Score, as BLIP's own retrieval evaluation ranks its ITC top-k::
 where ``itm_match_logit`` is the raw logit of the ITM head's class 1 ("match"), not a softmax
 probability, and the first-stage cosine stands in for BLIP's ITC similarity (``itc_weight`` 1.0
 as in BLIP; 0 ranks by ITM alone, as ALBEF does).
+
+The text side (:mod:`.itm`) folds each cross-attention layer's key and value projections into
+the query for short queries (``cross_attention="auto"``: up to ``fold_max_tokens`` tokens, by
+default where folding stops paying) instead of projecting all cached tokens of every candidate in
+every layer; both ways give transformers' logits (fp32 parity is tested).
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _MAX_KEPT_BYTES = 1 << 30  # larger candidate lists read into a fresh (pageable) buffer
 FIRST_TOKENS = ("cls", "enc")
+CROSS_ATTENTION = ("auto", "folded", "standard")
+# Where folding stops paying, as a fraction of the multiply-accumulate break-even (itm.break_even_tokens:
+# 62 query tokens for BLIP-base): the folded products run at ~38 GMAC/s of CPU time against the
+# standard path's ~43 (fp32, BLIP-base, 8 candidates, one thread of a shared 2-core CPU: per pair 73
+# vs 215 ms at 12 tokens, 290 vs 296 at 48, 360 vs 317 at 64), so time crosses near 50 tokens.
+# `mmr bench --suite blip` measures it again ("fold" -> "break_even").
+MEASURED_BREAK_EVEN_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class BlipItmConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU
     chunk_size: int = 128  # candidates per text-encoder forward
+    cross_attention: str = "auto"  # auto (folded up to fold_max_tokens query tokens, standard above) | folded | standard
+    fold_max_tokens: int = 0  # auto's switch point (query tokens, padding included); 0: this model's break-even
     cache_dir: str | None = None  # Hugging Face cache for hub checkpoints (default: HF_HOME's)
 
     def __post_init__(self) -> None:
@@ -65,6 +79,10 @@ class BlipItmConfig:
             raise ConfigError(f"image_size must be 0 (the checkpoint's) or a positive number of pixels, got {self.image_size}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.cross_attention not in CROSS_ATTENTION:
+            raise ConfigError(f"unknown cross_attention {self.cross_attention!r}; use one of {', '.join(CROSS_ATTENTION)}")
+        if self.fold_max_tokens < 0:
+            raise ConfigError(f"fold_max_tokens must be 0 (this model's break-even) or a number of query tokens, got {self.fold_max_tokens}")
 
 
 class BlipTokenWriter(TokenWriter):
@@ -133,6 +151,7 @@ class BlipItmReranker(Reranker):
 
         from ....devices import resolve_device
         from .image import BlipImageSide, BlipImageTransform
+        from .itm import BlipItmTextSide, break_even_tokens
 
         require_transformers()
         self.device = resolve_device(self.config.device)
@@ -148,6 +167,9 @@ class BlipItmReranker(Reranker):
             bf16 = self.config.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
             self._dtype = torch.bfloat16 if bf16 else torch.float16
         self._image_side = BlipImageSide(self.model, self._transform, native_size=g["native_size"], device=self.device, autocast=self._autocast)
+        self._text = BlipItmTextSide(self.model)
+        self.fold_max_tokens = self.config.fold_max_tokens or max(
+            1, round(MEASURED_BREAK_EVEN_FRACTION * break_even_tokens(self._text.geometry, g["tokens"])))
         tc = self.model.config.text_config
         self.max_tokens = int(min(tc.max_position_embeddings, getattr(self.tokenizer, "model_max_length", 512) or 512))
         self._memo_key = f"blip_itm/{checkpoint_digest(self.checkpoint_dir)[:12]}/{self.config.first_token}/{self.max_tokens}"
@@ -220,12 +242,9 @@ class BlipItmReranker(Reranker):
             if not self.cache_path.exists():
                 raise self._missing(list(ids), len(ids))
             self._cache = TokenCache(self.cache_path, self.fingerprint, create=False)
-        got = self._cache.get(ids)
-        missing = [i for i in ids if i not in got]
-        if missing:
-            raise self._missing(missing, len(ids))
-        for row, i in zip(out, ids):
-            row[...] = got[i]
+        _, present = self._cache.gather(ids, out=out)  # straight into ``out``: one copy of ~90 MB, not two
+        if not present.all():
+            raise self._missing([i for i, ok in zip(ids, present) if not ok], len(ids))
         return out
 
     def _host_buffer(self, n: int):
@@ -257,15 +276,16 @@ class BlipItmReranker(Reranker):
             f"without them: build them once with {fix}"
         )
 
-    def itm_logits(self, query: Any, image_tokens: Any) -> np.ndarray:
+    def itm_logits(self, query: Any, image_tokens: Any, *, path: str | None = None) -> np.ndarray:
         """Raw ITM match logits [n] of ``query`` against ``[n, P, W]`` vision tokens (a float
-        torch tensor or a numpy array: freshly encoded, or decoded from the cache)."""
+        torch tensor or a numpy array: freshly encoded, or decoded from the cache). ``path``
+        (``folded`` / ``standard``) overrides :meth:`cross_attention_path` (benchmarks compare them)."""
         import torch
 
         q = self.query_tokens(query)
         t = torch.as_tensor(image_tokens)
         step = self.config.chunk_size
-        out = [self._itm(*_padded([q] * len(t[s : s + step])), t[s : s + step].to(self.device).float())[0]
+        out = [self._itm(*_padded([q] * len(t[s : s + step])), t[s : s + step].to(self.device).float(), path=path)[0]
                for s in range(0, t.shape[0], step)]
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -304,18 +324,25 @@ class BlipItmReranker(Reranker):
         scores = itm.astype(np.float64) + self.config.itc_weight * retrieval
         return np.split(scores, np.cumsum(sizes)[:-1])
 
-    def _itm(self, ids, mask, image_tokens, *, attentions: bool = False):
+    def cross_attention_path(self, query_tokens: int) -> str:
+        """``folded`` or ``standard``: how the text side computes cross-attention for text rows of
+        ``query_tokens`` tokens (a chunk's longest query, padding included)."""
+        if self.config.cross_attention != "auto":
+            return self.config.cross_attention
+        self.warm_up()
+        return "folded" if query_tokens <= self.fold_max_tokens else "standard"
+
+    def _itm(self, ids, mask, image_tokens, *, attentions: bool = False, path: str | None = None):
         """(match logits [n] numpy, cross-attention per layer [n, H, L, P] or None) of text rows
         ``ids``/``mask`` [n, L] against ``image_tokens`` [n, P, W]."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            out = self.model.text_encoder(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), encoder_hidden_states=image_tokens,
-                output_attentions=attentions, return_dict=True,
+            logits, maps = self._text.forward(
+                ids.to(self.device), mask.to(self.device), image_tokens, path=path or self.cross_attention_path(int(ids.shape[1])),
+                attentions=attentions, dtype=self._dtype,
             )
-            logits = self.model.itm_head(out.last_hidden_state[:, 0, :])
-        return logits[:, 1].float().cpu().numpy(), (out.cross_attentions if attentions else None)
+        return logits[:, 1].float().cpu().numpy(), maps
 
     # ---- explaining ------------------------------------------------------------------------
     def attention_maps(self, query: Any, hit: Hit, image: Any = None) -> AttentionMaps:

@@ -112,27 +112,44 @@ class CrossAttentionReranker(Reranker):
         return mem.to(torch.float16).cpu().numpy()
 
     def memories(self, ids: Sequence[str]) -> np.ndarray:
-        """[len(ids), P, M] memory for the candidates, derived from raw tokens where only those
-        are cached (and written back, so it happens once per image)."""
-        cache = self.memory_cache()
-        got = cache.get(ids)
-        missing = [i for i in dict.fromkeys(ids) if i not in got]
-        if missing:
+        """[len(ids), P, M] memory for the candidates, gathered from the memory-mapped cache in
+        one copy; derived from raw tokens where only those are cached (and written back, so it
+        happens once per image)."""
+        reader = self._memory_reader()
+        got, present = reader.gather(ids)
+        if not present.all():
+            missing = list(dict.fromkeys(i for i, p in zip(ids, present) if not p))
             raw = self.raw_cache()
             found = raw.get(missing) if raw is not None else {}
             if found:
+                cache = self.memory_cache()  # its own writer: concurrent queries never share a write buffer
                 keys = list(found)
-                for k, m in zip(keys, self.project(np.stack([found[k] for k in keys]))):
+                derived = dict(zip(keys, self.project(np.stack([found[k] for k in keys]))))
+                for k, m in derived.items():
                     cache.add(k, m)
-                    got[k] = m
                 cache.commit()
-        still = [i for i in ids if i not in got]
+                cache.close()
+                if got.shape[1:] != derived[keys[0]].shape:  # the memory cache was empty: nothing gathered
+                    got = np.zeros((len(ids), *derived[keys[0]].shape), np.float16)
+                for row, i in enumerate(ids):
+                    if i in derived:
+                        got[row], present[row] = derived[i], True
+        still = [i for i, p in zip(ids, present) if not p]
         if still:
             raise InputError(
                 f"{len(still)} of {len(ids)} candidates have no cached image tokens (e.g. id {still[0]}); "
                 f"build them once with `mmr cache build --rerank {self.config.checkpoint}`"
             )
-        return np.stack([got[i] for i in ids])
+        return got
+
+    def _memory_reader(self) -> TokenCache:
+        """One cache instance kept for reads (its connections and file mapping are reused by every
+        query); writes go through :meth:`memory_cache`."""
+        fp = self.memory_fingerprint
+        reader = getattr(self, "_reader", None)
+        if reader is None or reader.fingerprint != fp or reader.path.parent != self.store.cache_dir() or reader.replaced():
+            reader = self._reader = self.memory_cache()
+        return reader
 
     # ---- scoring ---------------------------------------------------------------------------
     def score(self, query: Query, hits: Sequence[Hit]) -> np.ndarray:
@@ -140,18 +157,31 @@ class CrossAttentionReranker(Reranker):
         self.warm_up()
         if not hits:
             return np.zeros(0)
-        return self.score_memory(query, self.memories([h.id for h in hits]), _retrieval(hits))
+        return self.score_memory(query, self.memories_on_device([h.id for h in hits]), _retrieval(hits))
 
-    def score_memory(self, query: Query, memory: np.ndarray, retrieval: np.ndarray) -> np.ndarray:
+    def memories_on_device(self, ids: Sequence[str]) -> Any:
+        """:meth:`memories` as a tensor on the model's device; on CUDA gathered straight into
+        page-locked memory and copied to the device once (:meth:`TokenCache.gather_tensor`)."""
+        import torch
+
+        if str(self.device).startswith("cuda"):
+            memory, present = self._memory_reader().gather_tensor(ids, self.device)
+            if present.all():
+                return memory
+        return torch.from_numpy(self.memories(ids)).to(self.device)
+
+    def score_memory(self, query: Query, memory: Any, retrieval: np.ndarray) -> np.ndarray:
         """Scores from image memory already at hand: ``memory`` [N, P, M] (:meth:`memories` or
-        :meth:`project`), ``retrieval`` [N] the first stage's image-text similarities."""
+        :meth:`project`; numpy, or a tensor on the model's device), ``retrieval`` [N] the first
+        stage's image-text similarities."""
         import torch
 
         self.warm_up()
         tokens, mask = self._text([query])
+        memory = memory if torch.is_tensor(memory) else torch.from_numpy(np.asarray(memory))
         with torch.inference_mode(), self.autocast():
             logits = self.model(
-                tokens, mask, torch.from_numpy(np.asarray(memory)).to(self.device),
+                tokens, mask, memory.to(self.device),
                 torch.as_tensor(np.asarray(retrieval, dtype=np.float32), device=self.device),
                 chunk_size=self.config.chunk_size,
             )
