@@ -33,11 +33,14 @@ def _commands(group: click.Group, path: list[str]):
 
 
 def _help(path: list[str], cmd: click.Command) -> str:
-    parent = None
-    for depth in range(1, len(path)):  # the parents' names make the usage line read `mmr cache info`
-        parent = click.Context(cli, info_name=path[0]) if parent is None else click.Context(
-            click.Group(path[depth - 1]), info_name=path[depth - 1], parent=parent)
-    ctx = click.Context(cmd, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100)
+    # Contexts made as `mmr a b --help` makes them (the group's context_settings, inherited), so
+    # the page does not depend on which command ran first in this process (click caches each
+    # command's help option on first use).
+    ctx = click.Context(cli, info_name=path[0], terminal_width=100, **cli.context_settings)
+    for name in path[1:]:
+        sub = ctx.command.get_command(ctx, name)
+        ctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
+    assert ctx.command is cmd
     return cmd.get_help(ctx)
 
 
