@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .decode import is_video
+from .encoding import ImageEncoding, encode_files, segment_tokens
 from .progress import progress_bar
-from .stages.base import Encoder, ImageSide, Store, encode_files
+from .stages.base import Encoder, ImageSide, Store
 from .tokencache import caches_in, open_existing, open_raw_cache
 from .types import Failure
 
@@ -47,13 +48,12 @@ def build_token_cache(encoder: Encoder, store: Store, writer: TokenWriter, *, im
 
     failed: list[Failure] = []
     encoded = 0
+    encoding = ImageEncoding(encoder, tokens=True, image_side=image_side)
     videos = [r for r in rows if is_video(r["path"])]  # a segment's tokens come from its representative frame
     if videos:
         rows = [r for r in rows if not is_video(r["path"])]
-        from .stages.videos import segment_tokens
-
         extra = {r["id"]: r for r in store.get([r["id"] for r in videos], ["frame", "content_hash"])}
-        for row, tok, err in segment_tokens(encoder, [{**r, **extra.get(r["id"], {})} for r in videos], image_side=image_side):
+        for row, tok, err in segment_tokens(encoding, [{**r, **extra.get(r["id"], {})} for r in videos]):
             if err is not None:
                 failed.append(Failure(row["path"], err))
             else:
@@ -63,20 +63,17 @@ def build_token_cache(encoder: Encoder, store: Store, writer: TokenWriter, *, im
     bar = progress_bar(len(rows), progress)
     try:
         paths = [r["path"] for r in rows]
-        for items, _, tokens in encode_files(encoder, paths, with_tokens=image_side is None, image_side=image_side):
-            j = 0
-            for it in items:
+        for batch in encode_files(encoding, paths):
+            for it, _, tokens in batch:
                 if it.error is not None:
                     failed.append(Failure(it.path, it.error))
-                    continue
-                vec, j = j, j + 1
-                if it.id != rows[it.pos]["id"]:
+                elif it.id != rows[it.pos]["id"]:
                     failed.append(Failure(it.path, "file changed since it was indexed; run `mmr index` on its folder first"))
-                    continue
-                writer.add(it.id, tokens[vec])
-                encoded += 1
+                else:
+                    writer.add(it.id, tokens)
+                    encoded += 1
             writer.commit()
-            bar.update(len(items))
+            bar.update(len(batch))
     finally:
         bar.close()
     return {

@@ -23,7 +23,29 @@ log = logging.getLogger("mm_retrieval")
 
 # What --rerank takes, everywhere (the pipeline picks the stage: mm_retrieval.pipeline.reranker_spec).
 RERANKER_REF = ("a checkpoint dir from train-reranker, or a BLIP image-text retrieval model: a hub name such as "
-                "Salesforce/blip-itm-base-coco (downloaded once; offline: a dir saved from one)")
+                "Salesforce/blip-itm-base-coco (downloaded once; offline: a dir saved from one); NAME:REF picks reranker NAME "
+                "(e.g. a plugin's)")
+
+
+class _Device(click.ParamType):
+    """``--device``: auto, cpu, cuda or cuda:N (whether that GPU exists is asked when a model loads)."""
+
+    name = "device"
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return "[auto|cpu|cuda[:N]]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from .devices import check_device
+        from .errors import ConfigError
+
+        try:
+            return check_device(str(value), where="--device")
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+DEVICE = _Device()
 
 
 def _echo(text: str = "") -> None:
@@ -49,7 +71,7 @@ def common_options(fn: Callable) -> Callable:
         click.option("--collection", help="Collection name (default: images)."),
         click.option("--model", help="open_clip architecture, hf-hub:org/repo, a model dir from train-encoder, or a config JSON. Default: the collection's model, else ViT-B-32."),
         click.option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or 'none'."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where models run (default: auto)."),
+        click.option("--device", type=DEVICE, help="Where models run (default: auto)."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -175,7 +197,13 @@ def cli(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--rerank", "rerank_path", type=click.Path(), help=f"Cache what this reranker reads for each image (its memory, or BLIP's vision tokens) rather than raw tokens; {RERANKER_REF}.")
 @click.option("--text-columns", help="Comma-separated table columns whose text gets a text vector (default: caption).")
-@click.option("--tokens/--no-tokens", default=True, help="Cache image tokens for the reranker (default: on).")
+@click.option("--tokens", "token_fill", type=click.Choice(["eager", "lazy"]), default=None,
+              help="When the reranker's image tokens are computed: eager (while indexing; the default, or the config's [index] tokens) "
+              "or lazy (index at first-stage speed; the first rerank that meets an image computes and caches its tokens; "
+              "needs a reranker with its own image side, e.g. BLIP).")
+@click.option("--token-budget", help="With --tokens lazy: bound the token cache, as a size (20GB) or a number of images; "
+              "the least recently used are evicted (and computed again when needed). Default: unbounded.")
+@click.option("--no-tokens", is_flag=True, help="Cache no image tokens at all (rerank later after `mmr cache build`).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @click.option("--ocr/--no-ocr", default=None, help="Read the text in images (OCR, offline on CPU; needs `pip install \"mm-retrieval[ocr]\"`), "
               "also in images indexed before without it, for --mode ocr and as a caption where an image has none. Default: "
@@ -184,7 +212,8 @@ def cli(verbose: int) -> None:
 @ray_options
 @video_options
 def index(source: str, batch_size: int | None, workers: int | None, as_json: bool, rerank_path: str | None,
-          text_columns: str | None, tokens: bool, progress: bool | None, ocr: bool | None, **kwargs: Any) -> None:
+          text_columns: str | None, token_fill: str | None, token_budget: str | None, no_tokens: bool, progress: bool | None,
+          ocr: bool | None, **kwargs: Any) -> None:
     """Embed and store SOURCE: a folder (recursive) or a table (.csv, .parquet, .jsonl).
 
     A table needs a 'path' column (absolute, or relative to the table); 'caption' and any other
@@ -197,7 +226,8 @@ def index(source: str, batch_size: int | None, workers: int | None, as_json: boo
     ray_address, ray_actors = _pop_ray(kwargs, source)
     opts = _pop_common(kwargs)
     video = _pop_video(kwargs)
-    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=tokens, video=video)
+    pipe = _pipeline(opts, encoder={"batch_size": batch_size, "workers": workers}, reranker=rerank_path, cache_tokens=not no_tokens,
+                     tokens=token_fill, token_budget=token_budget, video=video)
     columns = [c.strip() for c in text_columns.split(",") if c.strip()] if text_columns else None
     report = pipe.index(source, progress=progress, text_columns=columns, bulk_import=bulk, ray=ray_address, ray_actors=ray_actors,
                         ocr=ocr)
@@ -406,20 +436,31 @@ def search(query: str | None, image: str | None, mode: str | None, k: int | None
         when = f" [{h.moment}]" if h.moment else ""  # a video's moment, as the page shows it
         if result.mode == "ocr":  # what was read, since that is what matched
             cap = f"  text: \"{((h.metadata or {}).get('ocr') or {}).get('text', '')[:100]}\""
-        _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{when}{cap}")
+        skipped = f"  (not reranked: {h.not_reranked})" if h.not_reranked else ""  # lazy tokens whose file is gone
+        copies = f"  (+{h.near_duplicates} near-duplicates hidden)" if h.near_duplicates else ""  # --collapse-duplicates
+        _out(f"{h.rank:3d}.{scores}  {h.path or '(text item)'}{when}{cap}{skipped}{copies}")
 
 
-def _search_server(opts: dict[str, Any], server_url: str | None, rerank_path: str | None) -> str | None:
-    """The `mmr serve` that answers a search instead of this process: --server URL, else the one
-    announced for the same database and collection (:mod:`mm_retrieval.server.discovery`) when
-    the search names no config, model or device of its own, and no reranker but the server's."""
+def _rerank_checkpoint(ref: str) -> str:
+    """The checkpoint ``--rerank REF`` names (without a ``NAME:`` prefix), as a server advertises it."""
+    from .pipeline import reranker_spec
+
+    return str(reranker_spec(ref).params["checkpoint"])
+
+
+def _search_server(opts: dict[str, Any], server_url: str | None, rerank_path: str | None, *,
+                   verb: tuple[str, str] = ("searches", "searching")) -> str | None:
+    """The `mmr serve` that answers a search (eval, explain: ``verb``) instead of this process:
+    --server URL, else the one announced for the same database and collection
+    (:mod:`mm_retrieval.server.discovery`) when the command names no config, model or device of
+    its own, and no reranker but the server's."""
     from .server import discovery
 
     own = [flag for key, flag in (("config_file", "--config"), ("model", "--model"), ("pretrained", "--pretrained"),
                                   ("device", "--device")) if opts.get(key)]
     if server_url:
         if own:
-            raise click.UsageError(f"--server searches with the server's models and config; drop {', '.join(own)}")
+            raise click.UsageError(f"--server {verb[0]} with the server's models and config; drop {', '.join(own)}")
         return server_url
     if own:
         return None
@@ -428,10 +469,10 @@ def _search_server(opts: dict[str, Any], server_url: str | None, rerank_path: st
     found = discovery.find_server(opts.get("db") or DEFAULT_DB, opts.get("collection") or DEFAULT_COLLECTION)
     if found is None:
         return None
-    if rerank_path is not None and discovery.resolved_ref(rerank_path) != found.reranker:
-        log.info("not searching through mmr serve at %s: it reranks with %s, not %s", found.url, found.reranker, rerank_path)
+    if rerank_path is not None and discovery.resolved_ref(_rerank_checkpoint(rerank_path)) != found.reranker:
+        log.info("not %s through mmr serve at %s: it reranks with %s, not %s", verb[1], found.url, found.reranker, rerank_path)
         return None
-    log.info("searching through mmr serve at %s (pid %s)", found.url, found.pid)
+    log.info("%s through mmr serve at %s (pid %s)", verb[1], found.url, found.pid)
     return found.url
 
 
@@ -452,8 +493,8 @@ def _score_columns(result: Any, hybrid_ranker: str, *, by_image: bool) -> list[t
     if result.mode == "ocr":
         return [("words", "0.5 for the share of query words read in the image, 0.4 when they appear as the phrase, 0.1 for whole words",
                  lambda h: h.score)]
-    if result.reranked:
-        return [("reranker", reranker, lambda h: h.score), image]
+    if result.reranked:  # "-": a candidate the reranker could not score (listed after the scored ones)
+        return [("reranker", reranker, lambda h: h.rerank_score), image]
     return [(image[0], image[1], lambda h: h.score)]
 
 
@@ -524,7 +565,7 @@ def _narrate_training() -> None:
               help="Peak learning rate (cosine schedule with warmup); fine-tuning pretrained weights wants ~1e-5.")
 @click.option("--image-size", type=int, help="Override the architecture's input size.")
 @click.option("--workers", type=int, default=ENCODER_TRAIN.workers, show_default=True, help="Data-loading processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="Where training runs (auto: CUDA when available, with mixed precision).")
 @click.option("--seed", type=int, default=ENCODER_TRAIN.seed, show_default=True, help="Seeds the initial weights and the order of the data.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
@@ -570,6 +611,9 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
                    "(best when the first stage is strong on its training captions); residual: the head learns "
                    "corrections on top of the first stage's scores.")
 @click.option("--patience", type=int, default=RERANKER_TRAIN.patience, show_default=True, help="Stop after this many epochs without a better validation R@1.")
+@click.option("--binding/--no-binding", default=RERANKER_TRAIN.binding, show_default=True,
+              help="Negatives that need binding: each caption's twins (same words, other order; same group) always "
+                   "among its images, and its image against twin and rewritten captions (attributes or objects swapped).")
 @click.option("--width", type=int, help="Reranker width (default 256).")
 @click.option("--depth", type=int, help="Blocks (default 2).")
 @click.option("--heads", type=int, help="Attention heads (default 4).")
@@ -579,7 +623,7 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
 def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, weight_decay: float, negatives: int,
-                       hard_pool: int, val_fraction: float, split_by: str, objective: str, patience: int, width: int | None,
+                       hard_pool: int, val_fraction: float, split_by: str, objective: str, patience: int, binding: bool, width: int | None,
                        depth: int | None, heads: int | None, kv_heads: int | None, memory_dim: int | None, seed: int,
                        resume: bool, as_json: bool, **kwargs: Any) -> None:
     """Train the cross-attention reranker on TABLE's image-caption pairs.
@@ -602,7 +646,7 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
                          reranker_config=arch or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          negatives=negatives, hard_pool=hard_pool, val_fraction=val_fraction, patience=patience, seed=seed,
                          resume=resume, split_by=tuple(c.strip() for c in split_by.split(",") if c.strip()),
-                         objective=objective)
+                         objective=objective, binding=binding)
     summary = {"out_dir": str(res.out_dir), "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "val": res.val,
                "n_train": res.n_train, "n_val": res.n_val, "seconds": round(res.seconds, 1)}
     if as_json:
@@ -622,22 +666,41 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
 @click.option("--head", type=int, help="Show one attention head instead of the mean over heads.")
 @click.option("--layer", type=int, help="Show one attention layer instead of the mean over layers.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the maps as JSON on stdout.")
+@click.option("--server", "server_url", metavar="URL", help="Explain through the `mmr serve` at URL (with its reranker, "
+              "loaded there). Default: the one serving the same --db and --collection, when running, unless --config, --model, "
+              "--pretrained, --device or another --rerank is given.")
 def explain(query: str, image: str, rerank_path: str | None, out: str, head: int | None, layer: int | None, as_json: bool,
-            **kwargs: Any) -> None:
+            server_url: str | None, **kwargs: Any) -> None:
     """Draw the reranker's attention over IMAGE (a file or an indexed id) for QUERY, per query word.
 
     The PNG shows the image, the whole query's attention, and one panel per word: which image
     regions each word looked at when the reranker scored the pair.
     """
-    from .explain import attention_maps, render_grid
+    from .query import validate_query
 
-    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    ex = attention_maps(pipe, query, image)
-    path = render_grid(ex, out, head=head, layer=layer)
-    if as_json:
-        _emit_json({**ex.to_dict(), "png": str(path)})
+    validate_query(query)  # fail before loading any model
+    opts = _pop_common(kwargs)
+    server = _search_server(opts, server_url, rerank_path, verb=("explains", "explaining"))
+    if server is not None:  # a running `mmr serve` answers: no model loaded here
+        import numpy as np
+
+        from .explain import render_maps
+        from .server.discovery import remote_explain
+
+        doc, pil = remote_explain(server, query, image, layer=layer, head=head, api_key=os.environ.get("MMR_API_KEY"))
+        path = render_maps(pil, doc["query"], doc["words"], np.asarray(doc["view"], np.float32), out, score=doc["score"],
+                           retrieval_score=doc["retrieval_score"], head=head, layer=layer)
+        shown = {key: v for key, v in doc.items() if key not in ("path", "view")}  # as Explanation.to_dict
     else:
-        _out(f"reranker {ex.score:.3f} (first stage {ex.retrieval_score:.3f}) for {len(ex.words)} words -> {path}")
+        from .explain import attention_maps, render_grid
+
+        ex = attention_maps(_pipeline(opts, reranker=rerank_path), query, image)
+        path = render_grid(ex, out, head=head, layer=layer)
+        shown = ex.to_dict()
+    if as_json:
+        _emit_json({**shown, "png": str(path)})
+    else:
+        _out(f"reranker {shown['score']:.3f} (first stage {shown['retrieval_score']:.3f}) for {len(shown['words'])} words -> {path}")
 
 
 @cli.command("eval")
@@ -648,17 +711,36 @@ def explain(query: str, image: str, rerank_path: str | None, out: str, head: int
 @click.option("--no-index", is_flag=True, help="Don't index TABLE's images first (they must already be in the collection).")
 @click.option("--mode", type=click.Choice(["image", "text", "hybrid"]), default="image", show_default=True, help="Which vectors the first stage searches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: bool, mode: str, as_json: bool, **kwargs: Any) -> None:
+@click.option("--server", "server_url", metavar="URL", help="Evaluate through the `mmr serve` at URL (models loaded there; "
+              "it indexes nothing: TABLE's images must be in the collection, or pass --no-index). Default: the one serving "
+              "the same --db and --collection, when running, unless --config, --model, --pretrained, --device or another "
+              "--rerank is given.")
+def eval_cmd(table: str, rerank_path: str | None, candidates: int, no_index: bool, mode: str, as_json: bool,
+             server_url: str | None, **kwargs: Any) -> None:
     """Recall@1/5/10 of the first stage (and of the reranked list) on TABLE's captions.
 
     Each caption is a query; its relevant images are the rows with that caption; the gallery is
     the whole collection.
     """
-    from .evaluation import evaluate
+    opts = _pop_common(kwargs)
+    server = _search_server(opts, server_url, rerank_path, verb=("evaluates", "evaluating"))
+    if server is not None:  # a running `mmr serve` ranks the captions: no model loaded here
+        import time
 
-    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
-    doc = evaluate(pipe, table, candidates=candidates, rerank=True if rerank_path is not None else None,
-                   index=not no_index, mode=mode)
+        from .evaluation import load_queries, usable_captions
+        from .server.discovery import remote_eval
+
+        t0 = time.perf_counter()
+        queries = load_queries(table)
+        doc = remote_eval(server, queries, usable_captions(queries), mode=mode, candidates=candidates,
+                          rerank=rerank_path is not None, require_indexed=not no_index, api_key=os.environ.get("MMR_API_KEY"))
+        doc["seconds"] = round(time.perf_counter() - t0, 2)
+    else:
+        from .evaluation import evaluate
+
+        pipe = _pipeline(opts, reranker=rerank_path)
+        doc = evaluate(pipe, table, candidates=candidates, rerank=True if rerank_path is not None else None,
+                       index=not no_index, mode=mode)
     if as_json:
         _emit_json(doc)
         return
@@ -695,6 +777,8 @@ def cache_info_cmd(as_json: bool, **kwargs: Any) -> None:
         s = c["slots"]
         _out(f"    slots: {s['live_slots']} live ({s['live_bytes']:,} B), {s['free_slots']} free ({s['free_bytes']:,} B; "
              "reused by later writes, `mmr cache compact` gives them back)")
+        if s.get("fill") == "lazy":
+            _out(f"    filled lazily (the first rerank that meets an image computes its tokens); budget: {s.get('budget') or 'unbounded'}")
     if not info:
         _out("  no token cache (run `mmr cache build`)")
 
@@ -729,7 +813,7 @@ def cache_build_cmd(rerank_path: str | None, as_json: bool, progress: bool | Non
     """Fill the token cache for every indexed item that lacks tokens."""
     from .backfill import build_token_cache
 
-    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path)
+    pipe = _pipeline(_pop_common(kwargs), reranker=rerank_path, tokens="eager")  # ahead of time, even where searches fill lazily
     pipe.store.require()  # before a token cache file is created for a collection that isn't there
     doc = build_token_cache(pipe.encoder, pipe.store, pipe.token_writer(), image_side=pipe.image_side(), progress=progress)
     if as_json:
@@ -840,7 +924,7 @@ def serve(host: str, port: int, rerank_path: str | None, api_key: str | None, mo
 @click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
               type=click.Choice(["encode", "search", "rerank", "blip", "quality", "video", "scale", "cli", "photos", "dupes", "ocr", "probe", "all"]), help="Which suite(s) to run; repeat the option for several.")
 @click.option("--blip", "blip", metavar="NAME_OR_DIR", help="BLIP checkpoint for the blip suite (hub name in the local Hugging Face cache, or a directory). Default: random BLIP-base-sized weights (timing only; tiny with --quick).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Where models run.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks that every suite runs (seconds), numbers mean nothing.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep generated images/data here between runs (default: a temporary folder).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the JSON document to this file.")

@@ -153,6 +153,8 @@ class IndexConfig:
     """Defaults for index and sync runs (the pipeline file's ``[index]``)."""
 
     ocr: bool = False  # read the text in images (mm_retrieval.ocr; pip install "mm-retrieval[ocr]"), like --ocr
+    tokens: str = "eager"  # eager: the reranker's tokens written while indexing | lazy: computed by the first rerank that needs them (--tokens)
+    token_budget: str = ""  # lazy tokens: bound the cache ("20GB", or a number of images), least recently used evicted (--token-budget)
 
 
 @dataclass(frozen=True)

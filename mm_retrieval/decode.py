@@ -15,9 +15,10 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import failpoints
 from .media_meta import image_meta
@@ -68,12 +69,14 @@ def is_raw(path: str | Path) -> bool:
     return os.path.splitext(str(path))[1].lower() in RAW_EXTENSIONS
 
 
-def decode_image_meta(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, with_meta: bool = True, raw: bool = False):
+def decode_image_meta(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, with_meta: bool = True, raw: bool = False,
+                      phash: bool = True):
     """Bytes -> ``(PIL image, metadata)``: :func:`decode_image`'s image, and with ``with_meta``
     what the file says about itself (:func:`mm_retrieval.media_meta.image_meta`, read from the
-    EXIF that orientation is applied from: no second parse). ``raw``: the file is named like a
-    camera RAW (:data:`RAW_EXTENSIONS`), so a TIFF structure is its container, whose preview is
-    decoded (a DNG or CR2 says so itself). Raises DecodeError."""
+    EXIF that orientation is applied from: no second parse) and, with ``phash`` too, its
+    perceptual hash (from the full image; :class:`ImageFileDataset` hashes a smaller one itself).
+    ``raw``: the file is named like a camera RAW (:data:`RAW_EXTENSIONS`), so a TIFF structure is
+    its container, whose preview is decoded (a DNG or CR2 says so itself). Raises DecodeError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -116,9 +119,14 @@ def decode_image_meta(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, with
         raise DecodeError("image has zero width or height")
     if im.mode.startswith("I") or im.mode == "F":
         im = _to_8bit(im)
-    if with_meta and (phash := image_phash(im)) is not None:  # near-duplicates: mmr duplicates
-        meta[PHASH_KEY] = phash
+    if with_meta and phash:
+        _put_phash(meta, im)
     return im, meta
+
+
+def _put_phash(meta: dict[str, Any], im: Any) -> None:
+    if (h := image_phash(im)) is not None:  # near-duplicates: mmr duplicates
+        meta[PHASH_KEY] = h
 
 
 def file_meta(data: bytes) -> dict[str, Any]:
@@ -313,11 +321,12 @@ class ImageFileDataset:
     ):
         self.paths = paths
         self.file_metadata = file_metadata
-        self.transform = transform
+        self.transform = portable_transform(transform)  # what the workers unpickle: no open_clip class
         self.known_ids = known_ids
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
         self.run_pid = os.getpid()  # the run this dataset decodes for, also inside a worker
+        self.split = split_resize(self.transform)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -336,14 +345,154 @@ class ImageFileDataset:
         if os.getpid() != self.run_pid != os.getppid():  # a worker forked from the fork server
             failpoints.hit("fork_server", pid=os.getppid())  # tests: that server dies mid-run
         try:
-            image, item.meta = decode_image_meta(data, max_pixels=self.max_pixels, with_meta=self.file_metadata, raw=is_raw(path))
-            item.pixels = self.transform(image)
+            image, item.meta = decode_image_meta(data, max_pixels=self.max_pixels, with_meta=self.file_metadata,
+                                                 raw=is_raw(path), phash=False)
+            item.pixels = self._preprocess(image, item.meta)
             item.decoded = True
         except DecodeError as e:
             item.error = str(e)
         except Exception as e:  # a transform failing on odd modes must not stop the run
             item.error = f"cannot preprocess image: {type(e).__name__}: {e}"
         return item
+
+    def _preprocess(self, image: Any, meta: dict[str, Any]) -> Any:
+        """The transform's output; with file metadata, the image's hash into ``meta``, taken from
+        the transform's own resized image where that is large enough (the same model input bit
+        for bit: the resize runs here instead of inside the transform)."""
+        if self.split is None:
+            if self.file_metadata:
+                _put_phash(meta, image)
+            return self.transform(image)
+        resize, rest = self.split
+        small = resize(image)
+        if self.file_metadata:
+            _put_phash(meta, small if min(small.size) >= HASH_SOURCE_MIN_SIDE else image)
+        return rest(small, image)
+
+
+# The smallest image the near-duplicate hash is taken from: its 32x32 thumbnail is then made as
+# from the full image (a box reduction to >= 64 px, then Lanczos: neardup.image_phash).
+HASH_SOURCE_MIN_SIDE = 64
+
+
+class ClipPreprocess:
+    """open_clip's inference preprocessing (torchvision ``Resize`` of the shorter side,
+    ``CenterCrop``, RGB, ``ToTensor``, ``Normalize``) done with PIL and torch alone, bit for bit
+    (the same PIL resize and crop calls, the same tensor ops). Decoding workers then unpickle no
+    torchvision or open_clip class, so their fork server need not import them (~2.6 of its ~4.2
+    CPU seconds at start, issue 30); and the resize is a step of its own, so the near-duplicate
+    hash is taken from the resized image instead of the full-size decode (issue 26 item 5).
+    Build it with :meth:`of`."""
+
+    def __init__(self, size: int, crop: tuple[int, int], resample: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size, self.crop, self.resample = size, crop, resample
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def of(cls, transform: Any) -> ClipPreprocess | None:
+        """The equivalent of ``transform`` when it is that pipeline exactly (what
+        ``open_clip.image_transform(..., is_train=False)`` builds), else None."""
+        try:
+            from torchvision.transforms import (
+                CenterCrop,
+                Compose,
+                Normalize,
+                Resize,
+                ToTensor,
+            )
+            from torchvision.transforms.functional import pil_modes_mapping
+        except ImportError:
+            return None
+        steps = transform.transforms if isinstance(transform, Compose) else ()
+        if len(steps) != 5:
+            return None
+        resize, crop, rgb, to_tensor, norm = steps
+        size = resize.size if type(resize) is Resize else None
+        size = size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else size
+        if not isinstance(size, int) or resize.max_size is not None or resize.interpolation not in pil_modes_mapping:
+            return None
+        if type(crop) is not CenterCrop or len(crop.size) != 2 or max(crop.size) > size:  # larger: torchvision pads
+            return None
+        if not (type(rgb).__name__ == "MaybeConvertMode" and getattr(rgb, "mode", None) == "RGB"
+                or getattr(rgb, "__name__", None) == "_convert_to_rgb"):  # open_clip's, old and new
+            return None
+        if not (type(to_tensor) is ToTensor or type(to_tensor).__name__ == "MaybeToTensor" and isinstance(to_tensor, ToTensor)):
+            return None
+        if type(norm) is not Normalize or norm.inplace:
+            return None
+        import torch
+
+        if torch.get_default_dtype() != torch.float32:
+            return None
+        mean, std = (tuple(float(x) for x in torch.as_tensor(v).flatten().tolist()) for v in (norm.mean, norm.std))
+        if len(mean) != 3 or len(std) != 3 or 0.0 in std:
+            return None
+        return cls(size, (int(crop.size[0]), int(crop.size[1])), pil_modes_mapping[resize.interpolation], mean, std)
+
+    def resize(self, im: Any) -> Any:
+        """torchvision's ``Resize(size)`` of a PIL image: the shorter side to ``size``."""
+        w, h = im.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        return im if (new_w, new_h) == (w, h) else im.resize((new_w, new_h), self.resample)
+
+    def finish(self, im: Any) -> Any:
+        """The steps after the resize: centre crop, RGB, float tensor [3, H, W], normalised."""
+        import numpy as np
+        import torch
+
+        w, h = im.size
+        ch, cw = self.crop
+        top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)  # torchvision's center_crop
+        im = im.crop((left, top, left + cw, top + ch)).convert("RGB")
+        t = torch.from_numpy(np.array(im, np.uint8, copy=True)).view(ch, cw, 3).permute((2, 0, 1)).contiguous()
+        t = t.to(dtype=torch.float32).div(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return t.sub_(mean).div_(std)
+
+    def __call__(self, im: Any) -> Any:
+        return self.finish(self.resize(im))
+
+
+def portable_transform(transform: Any) -> Any:
+    """``transform`` as the decoding workers run it: open_clip's preprocessing as
+    :class:`ClipPreprocess` (so is each member of a :class:`Transforms`), anything else as is."""
+    if isinstance(transform, Transforms):
+        return Transforms(*(portable_transform(t) for t in transform.transforms))
+    return ClipPreprocess.of(transform) or transform
+
+
+def split_resize(transform: Any) -> tuple[Any, _AfterResize] | None:
+    """``(resize, rest)`` when ``transform`` (or, for :class:`Transforms`, its first member) starts
+    by resizing a PIL image (:class:`ClipPreprocess`, or a torchvision ``Compose`` whose first step
+    is a ``Resize``), so that ``rest(resize(image), image)`` equals ``transform(image)``; else None.
+    The decoding step keeps the resized image to hash it: reducing a 3 MP photo to the hash's
+    thumbnail cost ~12 ms, more than the whole metadata read (issue 26 item 5)."""
+    first = transform.transforms[0] if isinstance(transform, Transforms) else transform
+    others = transform.transforms[1:] if isinstance(transform, Transforms) else None
+    if isinstance(first, ClipPreprocess):
+        return first.resize, _AfterResize(first.finish, others)
+    try:
+        from torchvision.transforms import Compose, Resize
+    except ImportError:
+        return None
+    if not isinstance(first, Compose) or not first.transforms or type(first.transforms[0]) is not Resize:
+        return None
+    return first.transforms[0], _AfterResize(Compose(first.transforms[1:]), others)
+
+
+class _AfterResize:
+    """The rest of a split transform (:func:`split_resize`): its own steps on the resized image,
+    and a :class:`Transforms`' other members on the full one."""
+
+    def __init__(self, rest: Any, others: tuple[Any, ...] | None):
+        self.rest, self.others = rest, others
+
+    def __call__(self, small: Any, image: Any) -> Any:
+        out = self.rest(small)
+        return out if self.others is None else (out, *(t(image) for t in self.others))
 
 
 class Transforms:

@@ -133,8 +133,6 @@ def candidate_pairs(store: Store, *, min_similarity: float = MIN_SIMILARITY, nei
     if rows and not ids:
         raise HashesMissing(f"none of the {len(rows)} images in collection {store.name!r} has a perceptual hash "
                             f"(it was indexed before they were stored): {BACKFILL_HINT}")
-    neighbours_of = getattr(store, "neighbour_ids", None) or (  # the store contract's search, for any other store
-        lambda vs, n, f: [[(h.id, h.score) for h in hits] for hits in store.search(vs, n, f, mode="image")])
     pairs: dict[tuple[str, str], tuple[str, str, float, int]] = {}
     bar = progress_bar(len(ids), progress)
     try:
@@ -142,7 +140,7 @@ def candidate_pairs(store: Store, *, min_similarity: float = MIN_SIMILARITY, nei
             chunk = ids[start : start + _BATCH]
             vectors = np.asarray([rows[i]["vector"] for i in chunk], dtype=np.float32)
             # top-k, not a range search: on Milvus Lite a range search took 3x as long
-            for a, hits in zip(chunk, neighbours_of(vectors, neighbours + 1, filter)):
+            for a, hits in zip(chunk, store.neighbour_ids(vectors, neighbours + 1, filter)):
                 for b, score in hits:
                     key = (min(a, b), max(a, b))
                     if b == a or key in pairs or score < min_similarity or rows.get(b, {}).get("phash") is None:
@@ -177,9 +175,9 @@ def backfill_hashes(store: Store, *, progress: bool | None = None) -> dict[str, 
         todo = [r for r in store.iter_rows(("id", "path", "metadata", "has_image")) if _is_image(r)
                 and not valid_hash((r.get("metadata") or {}).get(PHASH_KEY))]
         fields = ["id", "path", "content_hash", "caption", "metadata", "file_size", "mtime_ns", "has_image", "has_text", "vector"]
-        if getattr(store, "has_text_vectors", lambda: False)():
+        if store.has_text_vectors():
             fields.append("text_vector")
-        if getattr(store, "has_media_fields", lambda: False)():
+        if store.has_media_fields():
             fields += ["media_id", "start", "end", "frame", "segments"]
         failed: list[Failure] = []
         hashed = 0

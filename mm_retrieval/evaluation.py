@@ -65,42 +65,60 @@ def evaluate(pipeline: Any, table: str | Path, *, candidates: int = 100, rerank:
     naming why it can't); False never reranks."""
     t0 = time.perf_counter()
     queries = load_queries(table)
-    captions = _usable(queries)  # a table with no usable query fails before anything is indexed
+    captions = usable_captions(queries)  # a table with no usable query fails before anything is indexed
     if index:
         pipeline.index(table, progress=progress)
-    relevant = [queries[c] for c in captions]
-    plan = plan_search(pipeline.config.search, kind="text", has_reranker=pipeline.config.reranker is not None, mode=mode,
-                       k=max(KS), candidates=candidates, rerank=rerank)
-    store, encoder, facts = pipeline.store, pipeline.encoder, pipeline.collection_facts
-    facts.check(encoder)
-    mode = resolve_mode(plan, facts)
-    reranker = pipeline.reranker if plan.rerank else None
-    if reranker is not None:
-        reranker.warm_up()
-    first: list[list[Any]] = []
-    reranked: list[list[Any]] = []
+    run = EvalRun(pipeline, candidates=candidates, rerank=rerank, mode=mode)
     bar = progress_bar(len(captions), progress, unit="query", desc="evaluating")
     for s in range(0, len(captions), batch):
-        batch_queries = [Query(c, encoder) for c in captions[s : s + batch]]
-        encode_queries(batch_queries)  # one forward per batch: embeddings and the token features a reranker reads
-        hits = first_stage(store, plan, mode, np.stack([q.embedding() for q in batch_queries]))
-        first.extend(hits)
-        if reranker is not None:  # the reranker sees the top `candidates`, as in mmr search
-            reranked.extend(rerank_hits(plan, mode, reranker, q, h[:candidates]) for q, h in zip(batch_queries, hits))
-        bar.update(len(batch_queries))
+        run.rank(captions[s : s + batch])
+        bar.update(len(captions[s : s + batch]))
     bar.close()
-    return {
-        "n_queries": len(captions),
-        "gallery": store.count(),
-        "mode": mode,
-        "first_stage": recall([[h.id for h in hits] for hits in first], relevant),
-        "candidates": candidates,
-        "reranked": recall([[h.id for h in hits] for hits in reranked], relevant) if reranker is not None else None,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    return {**run.report([queries[c] for c in captions], gallery=pipeline.store.count()),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _usable(queries: dict[str, set[str]]) -> list[str]:
+class EvalRun:
+    """The ranked lists of an evaluation, a batch of captions at a time: planned and checked once
+    (:func:`mm_retrieval.search.plan_search`), each batch encoded in one forward. ``mmr eval``
+    runs it in process; ``mmr serve`` runs it for ``POST /eval`` (a batch per turn on its device)."""
+
+    def __init__(self, pipeline: Any, *, candidates: int = 100, rerank: bool | None = None, mode: str = "image"):
+        self.plan = plan_search(pipeline.config.search, kind="text", has_reranker=pipeline.config.reranker is not None, mode=mode,
+                                k=max(KS), candidates=candidates, rerank=rerank)
+        self.store, self.encoder = pipeline.store, pipeline.encoder
+        pipeline.collection_facts.check(self.encoder)
+        self.mode = resolve_mode(self.plan, pipeline.collection_facts)
+        self.reranker = pipeline.reranker if self.plan.rerank else None
+        if self.reranker is not None:
+            self.reranker.warm_up()
+        self.candidates = candidates
+        self.first: list[list[str]] = []  # per caption, ids by first-stage rank
+        self.reranked: list[list[str]] = []  # per caption, ids by reranked rank (with a reranker)
+
+    def rank(self, captions: list[str]) -> None:
+        """Search ``captions`` (one batch: one forward of the text encoder)."""
+        batch_queries = [Query(c, self.encoder) for c in captions]
+        encode_queries(batch_queries)  # one forward per batch: embeddings and the token features a reranker reads
+        hits = first_stage(self.store, self.plan, self.mode, np.stack([q.embedding() for q in batch_queries]))
+        self.first.extend([h.id for h in found] for found in hits)
+        if self.reranker is not None:  # the reranker sees the top `candidates`, as in mmr search
+            for q, found in zip(batch_queries, hits):
+                self.reranked.append([h.id for h in rerank_hits(self.plan, self.mode, self.reranker, q, found[: self.candidates])])
+
+    def report(self, relevant: list[set[str]], *, gallery: int) -> dict[str, Any]:
+        """The ``mmr eval --json`` document but its ``seconds``, ``relevant`` in the order ranked."""
+        return {
+            "n_queries": len(self.first),
+            "gallery": gallery,
+            "mode": self.mode,
+            "first_stage": recall(self.first, relevant),
+            "candidates": self.candidates,
+            "reranked": recall(self.reranked, relevant) if self.reranker is not None else None,
+        }
+
+
+def usable_captions(queries: dict[str, set[str]]) -> list[str]:
     """The captions that are usable queries (a caption over the query length limit is skipped)."""
     usable = []
     for caption in queries:

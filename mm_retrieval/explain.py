@@ -81,10 +81,10 @@ class Explanation:
         }
 
 
-def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
-    """Explain the pipeline reranker's score of ``image`` (an indexed id or an image file) for
-    ``query``. An indexed image is scored from what search uses (its stored vector and cached
-    tokens); any other image file is encoded on the fly."""
+def attention_maps(pipeline: Any, query: str, image: str | Path | bytes) -> Explanation:
+    """Explain the pipeline reranker's score of ``image`` (an indexed id, an image file, or an
+    image file's bytes) for ``query``. An indexed image is scored from what search uses (its
+    stored vector and cached tokens); any other image is encoded on the fly."""
     from .decode import DecodeError, decode_image, is_video
     from .search import encode_text, read_image_query, stored_vector
     from .types import Hit
@@ -100,9 +100,11 @@ def attention_maps(pipeline: Any, query: str, image: str | Path) -> Explanation:
                           "(the cross_attention one: --rerank DIR from `mmr train-reranker`; BLIP: --rerank Salesforce/blip-itm-base-coco)")
     reranker.warm_up()
     q = encode_text(query, pipeline.encoder, reranker)
-    image_id, path = _locate(pipeline, str(image))
+    image_id, path = (None, "the image sent") if isinstance(image, bytes) else _locate(pipeline, str(image))
     try:
-        if image_id is not None and is_video(path):  # a video segment: its representative frame
+        if isinstance(image, bytes):  # sent by a client (`mmr explain` through `mmr serve`)
+            pil = decode_image(image).convert("RGB")
+        elif image_id is not None and is_video(path):  # a video segment: its representative frame
             from .video import frame_at
 
             (row,) = pipeline.store.get([image_id], ["frame"])
@@ -125,12 +127,17 @@ def _locate(pipeline: Any, ref: str) -> tuple[str | None, str]:
     store.require()
     p = Path(ref).expanduser()
     if p.is_file():
-        rows = list(store.iter_rows(("id", "path"), filter=f"path == {_quote(str(p.resolve()))}"))
-        return (rows[0]["id"] if rows else None), str(p.resolve())
+        return indexed_at(store, str(p.resolve())), str(p.resolve())
     rows = store.get([ref], fields=["id", "path", "has_image"]) if len(ref) == 32 else []
     if rows and rows[0].get("has_image", True):
         return ref, rows[0]["path"]
     raise InputError(f"{ref!r} is neither an image file nor the id of an indexed image")
+
+
+def indexed_at(store: Any, path: str) -> str | None:
+    """The id of the item indexed from the file at ``path`` (as stored: resolved), or None."""
+    rows = list(store.iter_rows(("id", "path"), filter=f"path == {_quote(path)}"))
+    return rows[0]["id"] if rows else None
 
 
 def _quote(s: str) -> str:
@@ -181,19 +188,28 @@ def render_grid(ex: Explanation, out: str | Path, *, size: int = 224, head: int 
     """Write a PNG: the image, the whole query's attention, then one panel per query word
     (``head``: one attention head instead of the mean over heads; ``layer``: one layer instead
     of the mean over layers)."""
+    return render_maps(ex.image, ex.query, ex.words, ex.grid(layer=layer, head=head), out, score=ex.score,
+                       retrieval_score=ex.retrieval_score, size=size, head=head, layer=layer)
+
+
+def render_maps(image: Any, query: str, words: list[str], maps: np.ndarray, out: str | Path, *, score: float,
+                retrieval_score: float, size: int = 224, head: int | None = None, layer: int | None = None) -> Path:
+    """:func:`render_grid` from its parts: ``maps`` [words, gh, gw] are the ones selected by
+    ``head`` and ``layer`` (named in the title); ``mmr explain`` through a server draws the maps
+    it sent."""
     from PIL import Image, ImageDraw
 
-    maps = ex.grid(layer=layer, head=head)
-    panels = [("image", ex.image.convert("RGB").resize((size, size), Image.BICUBIC)),
-              ("whole query", overlay(ex.image, maps.mean(0), size))]
-    panels += [(w, overlay(ex.image, m, size)) for w, m in zip(ex.words, maps)]
+    maps = np.asarray(maps)
+    panels = [("image", image.convert("RGB").resize((size, size), Image.BICUBIC)),
+              ("whole query", overlay(image, maps.mean(0), size))]
+    panels += [(w, overlay(image, m, size)) for w, m in zip(words, maps)]
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     label_h, top = 18, 26
     grid = Image.new("RGB", (cols * size, top + rows * (size + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     which = ("mean over heads" if head is None else f"head {head}") + (", mean over layers" if layer is None else f", layer {layer}")
-    draw_text(draw, (6, 6), f"{ex.query!r}  reranker {ex.score:.3f}  first stage {ex.retrieval_score:.3f}  ({which})")
+    draw_text(draw, (6, 6), f"{query!r}  reranker {score:.3f}  first stage {retrieval_score:.3f}  ({which})")
     for i, (label, panel) in enumerate(panels):
         x, y = (i % cols) * size, top + (i // cols) * (size + label_h)
         grid.paste(panel, (x, y + label_h))

@@ -1,12 +1,15 @@
 """Index runs: bring a collection in step with a folder or table, crash-safely.
 
-Every write is ordered so that a kill at any moment leaves a consistent collection:
+Every write (a batch of images, or one video: a :class:`Write`, landed by :meth:`Indexer.write`,
+the one place a run writes rows) is ordered so that a kill at any moment leaves a consistent
+collection:
 
 1. tokens are committed to the token cache before their rows are upserted, so a stored row never
    points to missing tokens (a kill in between leaves orphan tokens, removed by the next run);
 2. a changed file's new row is written before its old row is deleted, so a kill in between
    leaves the path listed twice, which the next run notices and repairs;
-3. ids derive from content, so re-running after a kill re-encodes only what didn't land and
+3. only then does the run count and remember what landed (its report says no more than that);
+4. ids derive from content, so re-running after a kill re-encodes only what didn't land and
    never duplicates anything.
 
 One index run per collection at a time: a lock file next to the collection's token caches makes a
@@ -35,12 +38,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import failpoints
 from .decode import is_video
+from .encoding import EncodeBatches, ImageEncoding, encode_files
 from .errors import InputError
 from .locks import CollectionLock
 from .media_meta import file_time, merged, same_metadata
 from .neardup import PHASH_KEY
 from .progress import progress_bar
-from .stages.base import EncodeBatches, Encoder, ImageSide, Source, Store, encode_files
+from .stages.base import Encoder, ImageSide, Source, Store
 from .types import Failure, IndexReport, Record
 from .video import VideoConfig
 
@@ -71,6 +75,20 @@ class IndexInterrupted(KeyboardInterrupt):
 
 
 @dataclass
+class Write:
+    """One crash-ordered write of an index run (a batch of images, or one video), landed by
+    :meth:`Indexer.write`: ``rows``, new rows, whose ``tokens`` (id -> array) the token cache gets
+    first; ``rewrite``, stored items' rows rewritten with their vectors kept (a moved file, a new
+    caption or mtime); ``stale``, the stored rows these replace (an older version of a file, or a
+    copy left by a crash), deleted once the new ones landed."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    tokens: dict[str, Any] = field(default_factory=dict)
+    rewrite: list[dict[str, Any]] = field(default_factory=list)
+    stale: set[str] = field(default_factory=set)
+
+
+@dataclass
 class Plan:
     """What a run will do, before any encoding. ``check``: listed paths whose size, mtime, caption
     or metadata differ from the stored row (re-read; replaced only if the content changed)."""
@@ -95,30 +113,34 @@ class Plan:
 class Indexer:
     """One run over one source into one store (see :meth:`Pipeline.index` / :meth:`Pipeline.sync`).
 
-    ``tokens``: where each new image's patch tokens go (a reranker's memory or the encoder's raw
-    tokens, see :meth:`Pipeline.token_writer`); None writes no tokens. ``image_side``: the
-    reranker's own image encoder (:meth:`Reranker.image_side`, e.g. BLIP's), whose tokens then go
-    to ``tokens`` instead of the encoder's, computed in the same decode batches. ``progress``: a
-    bar on stderr (None: on a terminal); ``on_progress(n)``: called after each batch with its file count.
-    ``encode_batches``: what reads, decodes and encodes the image files to index, with
-    :func:`~mm_retrieval.stages.base.encode_files`' signature and output (the default; a Ray
-    Dataset of encoder actors with ``--ray``): everything else, all writes included, stays here.
-    ``video``: how video files are sampled, bounded and segmented (default :class:`VideoConfig`);
-    videos are encoded here by :func:`~mm_retrieval.stages.videos.encode_videos`.
+    ``tokens``: makes the writer each new image's tokens go to (a reranker's memory or the
+    encoder's raw tokens, see :meth:`Pipeline.token_writer`), called once the encoder is loaded and
+    the run has something to write (a model that can't load leaves no cache file behind); None
+    writes no tokens. ``image_side``: makes the reranker's own image encoder
+    (:meth:`Reranker.image_side`, e.g. BLIP's), whose tokens then go to the writer instead of the
+    encoder's, computed in the same decode batches (:class:`~mm_retrieval.encoding.ImageEncoding`).
+    ``progress``: a bar on stderr (None: on a terminal); ``on_progress(n)``: called after each
+    batch with its file count. ``encode_batches``: what reads, decodes and encodes the image files
+    to index, with :func:`~mm_retrieval.encoding.encode_files`' signature and output (the default;
+    a Ray Dataset of encoder actors with ``--ray``): everything else, all writes included, stays
+    here. ``video``: how video files are sampled, bounded and segmented (default
+    :class:`VideoConfig`); videos are encoded here by :func:`~mm_retrieval.encoding.encode_videos`.
     ``ocr``: read the text in each new image (and in indexed images without it: a backfill)
     with this reader (:mod:`mm_retrieval.ocr`), here in the run's process after the image is
     encoded; a file it fails on is indexed all the same and listed in ``report.ocr``.
     """
 
-    def __init__(self, encoder: Encoder, store: Store, *, tokens: TokenWriter | None = None, image_side: ImageSide | None = None,
+    def __init__(self, encoder: Encoder, store: Store, *, tokens: Callable[[], TokenWriter | None] | None = None,
+                 image_side: Callable[[], ImageSide | None] | None = None,
                  progress: bool | None = None, on_progress: Callable[[int], None] | None = None,
                  encode_batches: EncodeBatches = encode_files, video: VideoConfig | None = None, ocr: OcrReader | None = None):
         self.encoder = encoder
         self.ocr = ocr
         self._ocr_stats: dict[str, Any] = {"read": 0, "with_text": 0, "seconds": 0.0, "failed": []}
         self.store = store
-        self.tokens = tokens
-        self.image_side = image_side if tokens is not None else None
+        self._make_tokens, self._make_image_side = tokens, image_side
+        self.tokens: TokenWriter | None = None  # made by _open_tokens()
+        self.encoding = ImageEncoding(encoder)
         self.progress = progress
         self.on_progress = on_progress
         self.encode_batches = encode_batches
@@ -239,6 +261,7 @@ class Indexer:
                 self._video_report(first, report)
                 report.seconds = time.perf_counter() - t0
                 return report
+        self._open_tokens()
         store.ensure_collection(encoder.info())
         with CollectionLock(store.cache_dir(), store.name):
             self._scan()  # (a new collection: rows another process wrote meanwhile are recognised by id)
@@ -263,14 +286,19 @@ class Indexer:
                 gone = {i for ids in plan.remove.values() for i in ids}
                 self._delete(gone)
             self._drop_orphan_tokens()
-            record = getattr(store, "record_video_fact", None)  # a store without it holds no video
-            if record is not None:  # every row was read: whether a video is left is known here
-                record(any(self.media.values()))
+            store.record_video_fact(any(self.media.values()))  # every row was read: whether a video is left is known here
             store.flush()
         self._video_report(plan, report)
         self._ocr_report(report)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _open_tokens(self) -> None:
+        """The run's token writer, and what each image is encoded into (the image side's tokens,
+        or the encoder's, or none): made once, before anything is written."""
+        self.tokens = self._make_tokens() if self._make_tokens is not None else None
+        side = self._make_image_side() if self.tokens is not None and self._make_image_side is not None else None
+        self.encoding = ImageEncoding(self.encoder, tokens=self.tokens is not None, image_side=side)
 
     def _forecast(self, todo: list[Record], report: IndexReport) -> dict[str, Any]:
         """What a run would make of the files it reads (``todo``: new and changed ones), for a dry
@@ -340,63 +368,68 @@ class Indexer:
             bar.close()
 
     def _encode_images(self, todo: list[Record], report: IndexReport, bar: Any) -> None:
-        store = self.store
+        """Each batch of image files: one :class:`Write` of its new rows, the rows of files
+        already indexed (moved, or new metadata), and the rows they replace."""
         seen: dict[str, str] = {}  # id -> the first path with that content in this run
-        for items, emb, toks in self.encode_batches(
-            self.encoder, [str(r.path) for r in todo], known_ids=frozenset(self.rows),
-            with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side,
-        ):
+        for batch in self.encode_batches(self.encoding, [str(r.path) for r in todo], known_ids=frozenset(self.rows)):
             failpoints.hit("batch_decoded")
-            new_rows, refresh, stale, j = [], [], set(), 0
-            for it in items:
+            w, refresh = Write(), []
+            for it, vector, tokens in batch:
                 rec = _with_file_meta(todo[it.pos], it)
-                vec = None
-                if it.decoded:  # embeddings are packed in the order of decoded items
-                    vec, j = j, j + 1
                 if it.error is not None:  # an unreadable file keeps whatever entry it had
                     report.failed.append(Failure(it.path, it.error))
                     continue
                 # whatever else this path held is stale now (its file changed, or a crash left it twice)
-                stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
+                w.stale |= {i for i in self.ids_by_path.get(it.path, ()) if i != it.id and self.rows.get(i, {}).get("path") == it.path}
                 if it.id in seen:
                     report.add_duplicate(it.path, seen[it.id])  # the same content twice in this run
                 elif it.known:
                     self._known(rec, it.id, refresh, report)
                 else:
-                    new_rows.append(_row(rec, it, emb[vec]))
-                    if self.tokens is not None:
-                        self.tokens.add(it.id, toks[vec])
+                    w.rows.append(_row(rec, it, vector))
+                    if tokens is not None:
+                        w.tokens[it.id] = tokens
                 seen.setdefault(it.id, it.path)
-            self._read_text(new_rows)
-            self._add_text_vectors(new_rows)
-            if self.tokens is not None:
-                self.tokens.commit()  # (1) tokens before rows
-            failpoints.hit("after_tokens")
-            store.upsert(new_rows)
-            report.indexed += len(new_rows)  # counted as soon as they land: a Ctrl-C says so
-            failpoints.hit("after_upsert")
-            if refresh:
-                self._refresh(refresh)
-            if stale:  # (2) old rows after new ones
-                self._delete(stale)
-                report.replaced += len(stale)
-            for r in new_rows:
-                self.rows[r["id"]] = r
-                self.ids_by_path[r["path"]].add(r["id"])
-            bar.update(len(items))
+            self._read_text(w.rows)
+            self._add_text_vectors(w.rows)
+            w.rewrite = self._refresh(refresh)
+            self.write(w, report)
+            bar.update(len(batch))
             if self.on_progress is not None:
-                self.on_progress(len(items))
+                self.on_progress(len(batch))
+
+    def write(self, w: Write, report: IndexReport) -> None:
+        """Land ``w`` in the crash order (see the module docstring): (1) its tokens committed,
+        (2) its rows upserted (new and rewritten, in one write), (3) the rows they replace deleted
+        (rows, then their tokens), (4) what landed counted in ``report`` and remembered by the run.
+        A failure (or kill) at a step leaves the steps before it done and none after: orphan
+        tokens, or a path listed twice, both repaired by the next run."""
+        if self.tokens is not None and w.tokens:
+            for item_id, tokens in w.tokens.items():
+                self.tokens.add(item_id, tokens)
+            self.tokens.commit()  # (1) tokens before rows
+        failpoints.hit("after_tokens")
+        if w.rows or w.rewrite:
+            self.store.upsert(w.rows + w.rewrite)  # (2) a video's segments land together
+        report.indexed += len(w.rows)  # counted as soon as they land: a Ctrl-C says so
+        failpoints.hit("after_upsert")
+        if w.stale:  # (3) old rows after new ones
+            self._delete(w.stale)
+            report.replaced += len(w.stale)
+        for r in w.rows:  # (4)
+            self.rows[r["id"]] = r
+            self.ids_by_path[r["path"]].add(r["id"])
+            if r.get("media_id") not in (None, "", r["id"]):
+                self.media[r["media_id"]].add(r["id"])
 
     def _encode_videos(self, todo: list[Record], report: IndexReport, bar: Any) -> None:
-        """Each video: its segments in one upsert, tokens committed first; then its stale rows
-        (an older version of the file, or an incomplete set) deleted."""
-        from .stages.videos import encode_videos
+        """Each video: one :class:`Write` of its segments (or, indexed already, their rewritten
+        rows) and its stale rows (an older version of the file, or an incomplete set)."""
+        from .encoding import encode_videos
 
-        store = self.store
         seen: dict[str, str] = {}  # id -> the first path with that content in this run
         known = frozenset(m for m in self.media if self._complete(m))
-        for ev in encode_videos(self.encoder, [str(r.path) for r in todo], self.video, known_ids=known,
-                                with_tokens=self.tokens is not None and self.image_side is None, image_side=self.image_side):
+        for ev in encode_videos(self.encoding, [str(r.path) for r in todo], self.video, known_ids=known):
             failpoints.hit("video_decoded")
             it = ev.item
             rec = _with_file_meta(todo[it.pos], it)
@@ -411,32 +444,21 @@ class Indexer:
                 continue
             seen[it.id] = it.path
             if it.known:
-                new_ids = self._known_video(rec, it.id, report)
-                if new_ids is None:
+                rewrite = self._known_video(rec, it.id, report)
+                if rewrite is None:
                     continue
+                w = Write(rewrite=rewrite)
             else:
                 rows = self._segment_rows(rec, ev)
-                if self.tokens is not None and ev.tokens is not None:
-                    for k, r in enumerate(rows):
-                        self.tokens.add(r["id"], ev.tokens[k])
-                    self.tokens.commit()  # (1) tokens before rows
-                failpoints.hit("after_tokens")
-                store.upsert(rows)  # all of the video's segments in one write
-                report.indexed += len(rows)
-                failpoints.hit("after_upsert")
-                new_ids = {r["id"] for r in rows}
-                for r in rows:
-                    self.rows[r["id"]] = r
-                    self.ids_by_path[r["path"]].add(r["id"])
-                    self.media[it.id].add(r["id"])
+                w = Write(rows=rows, tokens={} if ev.tokens is None else {r["id"]: ev.tokens[k] for k, r in enumerate(rows)})
+            new_ids = {r["id"] for r in w.rows + w.rewrite}
+            w.stale = {i for i in self.ids_by_path.get(it.path, ()) if i not in new_ids and self.rows.get(i, {}).get("path") == it.path}
+            self.write(w, report)
+            if w.rows:
                 self.video_counts["indexed_videos"] += 1
-                self.video_counts["segments"] += len(rows)
+                self.video_counts["segments"] += len(w.rows)
                 self.video_counts["frames"] += ev.frames
                 self.video_counts["truncated"] += it.truncated
-            stale = {i for i in self.ids_by_path.get(it.path, ()) if i not in new_ids and self.rows.get(i, {}).get("path") == it.path}
-            if stale:  # (2) old rows after new ones
-                self._delete(stale)
-                report.replaced += len(stale)
 
     def _segment_rows(self, rec: Record, ev: Any) -> list[dict[str, Any]]:
         it = ev.item
@@ -449,10 +471,10 @@ class Indexer:
             "media_id": it.id, "start": seg.start, "end": seg.end, "frame": seg.frame, "segments": len(ev.segments),
         } for k, seg in enumerate(ev.segments)]
 
-    def _known_video(self, rec: Record, media_id: str, report: IndexReport) -> set[str] | None:
+    def _known_video(self, rec: Record, media_id: str, report: IndexReport) -> list[dict[str, Any]] | None:
         """A video whose content is indexed in full: a copy of a file still there (None), or a
-        moved file, or the same file with a new mtime/caption/metadata: its segment rows are
-        rewritten, vectors kept. Returns the segments' ids."""
+        moved file, or the same file with a new mtime/caption/metadata: its segment rows to
+        rewrite, vectors kept."""
         ids = set(self.media[media_id])
         path = str(rec.path)
         stored = self.rows[next(iter(ids))]["path"]
@@ -468,12 +490,11 @@ class Indexer:
         text_vector = self.encoder.encode_text([text])[0] if text else None
         rows = [{**{k: old[k] for k in SEGMENT_FIELDS}, "text_vector": text_vector, "path": path, "caption": rec.caption,
                  "metadata": rec.metadata, "file_size": size, "mtime_ns": mtime} for old in self.store.get(sorted(ids), SEGMENT_FIELDS)]
-        self.store.upsert(rows)
         for r in rows:
             self.ids_by_path[stored].discard(r["id"])
             self.ids_by_path[path].add(r["id"])
             self.rows[r["id"]] = {**self.rows[r["id"]], **r}
-        return ids
+        return rows
 
     def _read_text(self, rows: list[dict[str, Any]], stored: dict[str, Any] | None = None) -> None:
         """With OCR on, each image row gets its text under ``metadata["ocr"]``, and where it has
@@ -551,7 +572,10 @@ class Indexer:
         self.rows[item_id] = {**self.rows[item_id], "path": path}
         refresh.append((item_id, rec))
 
-    def _refresh(self, refresh: list[tuple[str, Record]]) -> None:
+    def _refresh(self, refresh: list[tuple[str, Record]]) -> list[dict[str, Any]]:
+        """The rows of items indexed already (see :meth:`_known`), rewritten with their stored vectors."""
+        if not refresh:
+            return []
         store = self.store
         stored = {r["id"]: r for r in store.get([i for i, _ in refresh], fields=["id", "vector", "content_hash", "metadata"])}
         rows = []
@@ -568,7 +592,7 @@ class Indexer:
         read = {i: m[OCR_KEY] for i, r in stored.items() if OCR_KEY in (m := r.get("metadata") or {})}
         self._read_text(rows, read)  # the text read before is kept (with OCR on, read now if never read)
         self._add_text_vectors(rows)  # the text may have changed: embed it again (cheap)
-        store.upsert(rows)
+        return rows
 
     def _delete(self, ids: set[str]) -> None:
         """Rows first, then their tokens: a row never points to missing tokens."""

@@ -76,6 +76,8 @@ class Pipeline:
         store: Store | dict[str, Any] | None = None,
         reranker: Reranker | str | dict[str, Any] | None = None,
         cache_tokens: bool = True,
+        tokens: str | None = None,
+        token_budget: str | int | None = None,
         video: VideoConfig | dict[str, Any] | None = None,
         ocr: bool | None = None,
     ):
@@ -102,12 +104,20 @@ class Pipeline:
         else:
             if isinstance(reranker, str):
                 rer = reranker_spec(reranker, rer)
-            elif reranker:
-                rer = (rer or reranker_spec(str(reranker.get("checkpoint") or ""))).with_params(reranker)
+            elif reranker and (rer is None or reranker.get("checkpoint")):  # a checkpoint (or no [reranker]): its stage
+                spec = reranker_spec(str(reranker.get("checkpoint") or ""), rer)
+                rer = spec.with_params({**reranker, "checkpoint": spec.params["checkpoint"]})
+            elif reranker:  # params for the pipeline file's [reranker]
+                rer = rer.with_params(reranker)
             if rer is not None and device is not None:
                 rer = rer.with_params({"device": device})
         self.config = replace(config, encoder=enc, store=sto, reranker=rer)
         self.cache_tokens = cache_tokens  # index runs write image tokens for the reranker
+        # "eager": index runs write the reranker's tokens; "lazy": its first rerank computes them (config [index] tokens)
+        self.tokens = config.index.tokens if tokens is None else tokens
+        if self.tokens not in ("eager", "lazy"):
+            raise ConfigError(f"unknown tokens {self.tokens!r}; use eager (written while indexing) or lazy (computed by the first rerank that needs them)")
+        self.token_budget = config.index.token_budget if token_budget is None else token_budget  # lazy: the cache's bound
         # how index runs sample and segment videos (a dict: VideoConfig fields, None values ignored)
         self.video = video if isinstance(video, VideoConfig) else config_from_dict(
             VideoConfig, prune_none(video or {}), where="video config")
@@ -173,9 +183,9 @@ class Pipeline:
 
     def image_side(self) -> ImageSide | None:
         """The reranker's own image encoder that index runs feed :meth:`token_writer` with
-        (:meth:`Reranker.image_side`, e.g. BLIP's vision model), or None: the encoder's patch
+        (:meth:`Reranker.image_side`: a model of its own), or None: the encoder's patch
         tokens (also with ``cache_tokens=False`` or no reranker)."""
-        if not self.cache_tokens or self.reranker is None:
+        if not self.cache_tokens or self.reranker is None or self.tokens == "lazy":
             return None
         return self.reranker.image_side()
 
@@ -188,6 +198,9 @@ class Pipeline:
         if not self.cache_tokens:
             return None
         self.store.check_compatible(self.encoder.info())
+        if self.tokens == "lazy":
+            self._mark_lazy()
+            return None
         reranker = self.reranker
         if reranker is not None:
             reranker.warm_up()
@@ -197,6 +210,22 @@ class Pipeline:
         from .tokencache import raw_token_writer
 
         return raw_token_writer(self.store.cache_dir(), self.encoder.fingerprint)
+
+    def _mark_lazy(self) -> None:
+        """``tokens="lazy"``: no tokens now; the reranker's cache says that its first rerank
+        computes them (:mod:`.tokencache.lazy`), within ``token_budget``. Loads no model."""
+        from .tokencache.budget import parse_budget
+        from .tokencache.lazy import FillsTokens
+
+        parse_budget(self.token_budget)  # a bad budget fails before anything is written
+        reranker = self.reranker
+        if not isinstance(reranker, FillsTokens):
+            what = "no reranker is configured" if reranker is None else f"{reranker.label} derives its tokens from the encoder's"
+            raise ConfigError(f"--tokens lazy needs a reranker that computes its own image tokens (one with its own image side: see docs/reranking.md), "
+                              f"but {what}; index with --tokens eager (the default) instead")
+        writer = reranker.token_writer()
+        writer.cache.set_policy("lazy", self.token_budget or None)
+        writer.cache.close()
 
     # ---- indexing --------------------------------------------------------------------------
     def index(self, source: str | Path | Source, *, progress: bool | None = None,
@@ -228,12 +257,12 @@ class Pipeline:
     def _index(self, src: Source, *, progress: bool | None, on_progress: Callable[[int], None] | None,
                bulk_import: BulkImport | None, cluster: Any, ray_actors: int | None, reader: Any = None) -> IndexReport:
         store = self.store if bulk_import is None else bulk_import.wrap(self.store, progress=progress)  # refuses Lite, a loaded collection
-        self.encoder.warm_up()  # a model that can't load fails before a token cache file is created
         existed = self.store.exists()
         failed = True
         try:
             extra = self._on_ray(cluster, ray_actors)
-            indexer = Indexer(self.encoder, store, tokens=self.token_writer(), image_side=self.image_side(), progress=progress,
+            # the token writer is made by the run once the model loaded (one that can't load leaves no cache file)
+            indexer = Indexer(self.encoder, store, tokens=self.token_writer, image_side=self.image_side, progress=progress,
                               on_progress=on_progress, video=self.video, ocr=reader, **extra)
             report = indexer.run(src)
             if cluster is not None:
@@ -298,9 +327,9 @@ class Pipeline:
         cluster = None if dry_run else _connect_ray(ray, ray_actors)
         existed, failed = self.store.exists(), True
         try:
-            tokens = None if dry_run else self.token_writer()  # a dry run creates no cache file
             extra = self._on_ray(cluster, ray_actors)
-            indexer = Indexer(self.encoder, self.store, tokens=tokens, image_side=None if dry_run else self.image_side(), progress=progress,
+            indexer = Indexer(self.encoder, self.store, tokens=None if dry_run else self.token_writer,  # a dry run creates no cache file
+                              image_side=None if dry_run else self.image_side, progress=progress,
                               video=self.video, ocr=reader, **extra)
             report = indexer.run(src, remove_missing=True, scope=scope, dry_run=dry_run)
             if cluster is not None:
@@ -413,17 +442,40 @@ def _remove_cache_dir(directory: Path) -> None:
 
 def reranker_spec(ref: str, configured: StageSpec | None = None) -> StageSpec:
     """The reranker stage ``--rerank REF`` (``Pipeline(reranker="REF")``) names, the one place a
-    reranker reference picks its stage: ``reranker/blip_itm`` for a BLIP image-text retrieval
-    checkpoint (a hub name such as Salesforce/blip-itm-base-coco, or a directory saved from one:
-    :func:`~mm_retrieval.stages.rerankers.blip_itm.looks_like_blip`, which loads nothing), else
-    ``reranker/cross_attention`` (a directory from `mmr train-reranker`). ``configured`` (the
-    pipeline file's ``[reranker]``) keeps its other params when it is the same stage."""
-    from .stages.rerankers.blip_itm import looks_like_blip
-
-    name = "blip_itm" if ref and looks_like_blip(ref) else "cross_attention"
+    reranker reference picks its stage: ``NAME:REF`` names stage NAME (any registered reranker,
+    plugins' too); otherwise each reranker is asked whether it takes REF
+    (:meth:`~mm_retrieval.stages.base.Reranker.accepts`, cheap: nothing is loaded), plugins
+    first, then the built-in ones, each group in name order; the first that does is the one. ``configured`` (the pipeline file's ``[reranker]``)
+    keeps its other params when it is the same stage."""
+    name, checkpoint = _claim(ref)
     if configured is not None and configured.name == name:
-        return configured.with_params({"checkpoint": ref})
-    return StageSpec("reranker", name, {"checkpoint": ref})
+        return configured.with_params({"checkpoint": checkpoint})
+    return StageSpec("reranker", name, {"checkpoint": checkpoint})
+
+
+def _claim(ref: str) -> tuple[str, str]:
+    """(reranker stage name, its checkpoint reference) for ``--rerank REF``; InputError naming
+    what each reranker takes when none takes it. Plugins are asked before the built-in rerankers,
+    whose claims are broad (any ``org/name`` that is no local path is taken for a hub id)."""
+    entries = sorted((e for e in registry.list_stages(load=False) if e.kind == "reranker"),
+                     key=lambda e: (e.origin == "builtin", e.name))
+    prefix, sep, rest = ref.partition(":")
+    if sep and prefix in {e.name for e in entries}:
+        if not rest:
+            raise InputError(f"--rerank {ref}: name the checkpoint after the prefix ({prefix}:CHECKPOINT)")
+        return prefix, rest
+    takes = []
+    for entry in entries:
+        try:
+            cls = registry.get("reranker", entry.name)
+        except ConfigError:  # a plugin that fails to load claims nothing (`mmr plugins` shows why)
+            continue
+        if cls.accepts(ref):
+            return entry.name, ref
+        takes.append(f"{entry.name}: {cls.references or 'see its documentation'}")
+    where = "the path does not exist" if ref and not Path(ref).expanduser().exists() else "no reranker recognises it"
+    raise InputError(f"--rerank {ref!r}: {where}. A reranker reference is " + "; ".join(takes)
+                     + ". To pick a reranker yourself, prefix its name: --rerank NAME:CHECKPOINT")
 
 
 def _instance_spec(kind: str, stage: Any, overrides: dict[str, Any]) -> StageSpec:

@@ -318,32 +318,29 @@ def first_stage(store: Store, plan: SearchPlan, mode: str, vectors: np.ndarray, 
     limit = plan.depth if depth is None else depth
     vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(vectors)[-1])
     if mode != "hybrid":
-        found = store.search(vectors, limit, plan.filter, mode=mode, **_grouping(store.search, plan), **_ranged(store.search, plan))
-        return [_above(hits, plan, store.search) for hits in found]
+        found = store.search(vectors, limit, plan.filter, mode=mode, **_options(store, plan))
+        return [_above(hits, plan, store) for hits in found]
     o = plan.options
     return [_above(store.hybrid_search(v, limit, plan.filter, ranker=o.hybrid_ranker, weights=tuple(o.hybrid_weights), rrf_k=o.rrf_k,
-                                       images_only=plan.rerank, **_grouping(store.hybrid_search, plan),
-                                       **_ranged(store.hybrid_search, plan)), plan, store.hybrid_search) for v in vectors]
+                                       images_only=plan.rerank, **_options(store, plan)), plan, store) for v in vectors]
 
 
-def _takes(method: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _ranged(method: Any, plan: SearchPlan) -> dict[str, Any]:
-    """``min_score`` for a store method that range-searches (Milvus); see :func:`_above`."""
-    return {"min_score": plan.min_score} if plan.min_score is not None and _takes(method, "min_score") else {}
+def _options(store: Store, plan: SearchPlan) -> dict[str, Any]:
+    """The plan's grouping and ``min_score``, for a store that takes them (:attr:`Store.search_options`).
+    A store written before videos has no media fields: each of its items is its own media item, so
+    there is nothing to group. Without range search, :func:`_above` cuts its top hits instead."""
+    out: dict[str, Any] = {}
+    if "group_by_media" in store.search_options:
+        out["group_by_media"] = plan.group_by_video
+    if plan.min_score is not None and "min_score" in store.search_options:
+        out["min_score"] = plan.min_score
+    return out
 
 
-def _above(hits: list[Hit], plan: SearchPlan, method: Any) -> list[Hit]:
+def _above(hits: list[Hit], plan: SearchPlan, store: Store) -> list[Hit]:
     """A store without range search (a third-party one): its top hits cut at ``min_score`` here
     (a similarity: in hybrid mode the image or the text one, as Milvus' legs do)."""
-    if plan.min_score is None or _takes(method, "min_score"):
+    if plan.min_score is None or "min_score" in store.search_options:
         return hits
 
     def best(h: Hit) -> float:
@@ -353,23 +350,10 @@ def _above(hits: list[Hit], plan: SearchPlan, method: Any) -> list[Hit]:
     return [h for h in hits if best(h) > plan.min_score]
 
 
-def _grouping(method: Any, plan: SearchPlan) -> dict[str, Any]:
-    """``group_by_media`` for a store method that takes it. A third-party store written before
-    videos existed doesn't, and can't hold videos either (it has no media fields): each of its
-    items is its own media item, so there is nothing to group."""
-    import inspect
-
-    try:
-        takes = "group_by_media" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return {"group_by_media": plan.group_by_video} if takes else {}
-
-
 def collapse_duplicates(store: Store, hits: Sequence[Hit]) -> list[Hit]:
     """``hits`` with each near-duplicate of a better-ranked hit dropped (the pair rule of
     :func:`mm_retrieval.neardup.same_photo`: image vectors and perceptual hashes both close), ranks
-    renumbered. Items without a stored hash are never dropped (``mmr duplicates --backfill``)."""
+    renumbered; a kept hit that stands for dropped ones says how many (``near_duplicates``). Items without a stored hash are never dropped (``mmr duplicates --backfill``)."""
     from dataclasses import replace
 
     from .neardup import PHASH_KEY, collapse
@@ -380,8 +364,9 @@ def collapse_duplicates(store: Store, hits: Sequence[Hit]) -> list[Hit]:
     rows = store.get([h.id for h in images], ["vector", "metadata"])
     vectors = {r["id"]: r["vector"] for r in rows}
     hashes = {r["id"]: (r.get("metadata") or {}).get(PHASH_KEY) for r in rows}
-    kept = collapse(list(hits), lambda h: h.id, vectors, hashes)
-    return [replace(h, rank=i + 1) for i, h in enumerate(kept)]
+    hidden: dict[str, int] = {}
+    kept = collapse(list(hits), lambda h: h.id, vectors, hashes, hidden=hidden)
+    return [replace(h, rank=i + 1, near_duplicates=hidden.get(h.id)) for i, h in enumerate(kept)]
 
 
 def rerank(plan: SearchPlan, mode: str, reranker: Reranker, query: Query, hits: Sequence[Hit]) -> list[Hit]:
@@ -392,7 +377,14 @@ def rerank(plan: SearchPlan, mode: str, reranker: Reranker, query: Query, hits: 
     scores = np.asarray(reranker.score(query, hits), dtype=np.float64).reshape(-1)
     if len(scores) != len(hits):
         raise StageError(reranker.label, f"returned {len(scores)} scores for {len(hits)} hits")
-    return apply_rerank_scores(hits, scores, plan.top, mode=mode, search=plan.options)
+    return apply_rerank_scores(hits, scores, plan.top, mode=mode, search=plan.options, unscored=unscored_reason(reranker))
+
+
+def unscored_reason(reranker: Reranker):
+    """``id -> why the reranker left it unscored`` for a reranker that computes tokens lazily, else None."""
+    from .tokencache.lazy import FillsTokens
+
+    return reranker.unscored_reason if isinstance(reranker, FillsTokens) else None
 
 
 def finish(plan: SearchPlan, mode: str, hits: Sequence[Hit], timings: "Timings", label: str) -> SearchResult:

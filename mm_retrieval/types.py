@@ -72,12 +72,18 @@ class Hit:
     image_score: float | None = None  # hybrid search: the image-vector similarity (the reranker's input)
     text_score: float | None = None  # hybrid search: the text-vector similarity (None: the item has no text)
     rerank_score: float | None = None  # the reranker's own score when one scored the hit (hybrid: ``score`` is the fused one)
+    # Why the reranker left this candidate unscored (e.g. lazy tokens and its file is gone): it keeps its
+    # first-stage score and ranks after the scored ones. None when scored, or not reranked at all.
+    not_reranked: str | None = None
     # A video segment (None for an image): the video's item id, the segment's seconds, and the
     # time of the frame whose vector and tokens it holds. ``path`` is the video file's.
     video_id: str | None = None
     start: float | None = None
     end: float | None = None
     frame: float | None = None
+    # Search with collapse_duplicates: how many near-duplicates of this hit among the candidates were
+    # hidden (None: none, or not collapsed).
+    near_duplicates: int | None = None
 
     @property
     def moment(self) -> str | None:
@@ -103,7 +109,7 @@ class Hit:
         }
         if not self.has_image:
             doc["has_image"] = False
-        for name in ("image_score", "text_score", "rerank_score"):
+        for name in ("image_score", "text_score", "rerank_score", "not_reranked", "near_duplicates"):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.video_id is not None:  # a moment of a video: which video, and when
@@ -118,8 +124,8 @@ class Hit:
         return cls(id=doc["id"], path=doc["path"], score=doc["score"], retrieval_score=doc["retrieval_score"],
                    caption=doc.get("caption"), metadata=doc.get("metadata") or {}, rank=doc.get("rank", 0),
                    has_image=doc.get("has_image", True), image_score=doc.get("image_score"), text_score=doc.get("text_score"),
-                   rerank_score=doc.get("rerank_score"), video_id=video.get("id"), start=doc.get("start"), end=doc.get("end"),
-                   frame=doc.get("frame"))
+                   rerank_score=doc.get("rerank_score"), not_reranked=doc.get("not_reranked"), video_id=video.get("id"), start=doc.get("start"), end=doc.get("end"),
+                   frame=doc.get("frame"), near_duplicates=doc.get("near_duplicates"))
 
 
 @dataclass

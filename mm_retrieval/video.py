@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .decode import DecodeError, identify, item_id, read_or_reason
+from .decode import DecodeError, identify, item_id, portable_transform, read_or_reason
 from .errors import ConfigError
 from .media_meta import video_meta
 
@@ -366,7 +366,7 @@ class VideoFileDataset:
     def __init__(self, paths: list[str], transform: Callable[[Any], Any], cfg: VideoConfig, *,
                  known_ids: frozenset[str] = frozenset()):
         self.paths = paths
-        self.transform = _Half(transform)
+        self.transform = _Half(portable_transform(transform))  # workers unpickle no open_clip class (decode.ClipPreprocess)
         self.cfg = cfg
         self.known_ids = known_ids
         self.run_pid = os.getpid()

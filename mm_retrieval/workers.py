@@ -10,7 +10,7 @@ but imports torch and the transforms before its first image: about 4 s for two w
 
 So on Linux workers are forked from a *fork server* (multiprocessing's ``forkserver``): a fresh
 interpreter started with none of this process's descriptors but stdin/out/err, which imports
-torch, PIL, open_clip and the decoding code once and then forks each worker in milliseconds. It
+torch, PIL and the decoding code once (:data:`_PRELOAD`) and then forks each worker in milliseconds. It
 is started once per process, by the first run that decodes in workers (a run of one batch decodes
 in-process and starts nothing), and reused by every later index run, sync and cache build of the
 process (a server or a watch loop keeps it for its lifetime). Dying with the run is a chain of parent-death signals (``PR_SET_PDEATHSIG``), each
@@ -40,9 +40,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # What the fork server imports before it forks anyone: the guard first (it arms the server's
 # parent-death signal), then the script being run (as spawn would in every worker), then what
-# every decoding worker unpickles. Missing modules are skipped (ImportError).
-_PRELOAD = ["mm_retrieval.worker_preload", "__main__", "torch", "PIL.Image", "torchvision.transforms",
-            "open_clip", "mm_retrieval.decode"]
+# every decoding worker runs: torch (its DataLoader worker loop, the batch tensors), PIL and its
+# common plugins, the hash's DCT, the decoding code. Not torchvision or open_clip (~2.6 CPU
+# seconds, as much as all the rest): the dataset hands workers open_clip's preprocessing as
+# decode.ClipPreprocess; a transform it can't convert imports its own modules in each worker.
+# Missing modules are skipped (ImportError).
+_PRELOAD = ["mm_retrieval.worker_preload", "__main__", "torch", "torch.utils.data", "numpy", "PIL.Image",
+            "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "scipy.fftpack", "mm_retrieval.decode"]
 
 _server_pid: int | None = None  # set in the fork server (and so in every worker forked from it)
 

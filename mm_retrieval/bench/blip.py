@@ -29,6 +29,8 @@ resolution (the checkpoint's, e.g. 384 px, and a lower one, e.g. 224 px, through
   per candidate (analytic, :func:`..stages.rerankers.blip_itm.itm.text_macs`) and the rate they
   ran at; which path the stage picked for the query (``path_used``); and a sweep of query lengths
   on a few candidates (``break_even``) that finds where folding stops paying on this device.
+* **lazy** (:mod:`.blip_lazy`): ``--tokens lazy`` indexing against first stage only, and the first
+  query over uncached candidates, the same query again, and one whose candidates are half cached.
 * **load**: the 1/5/15-minute load average at the start and the end (a shared CPU's figures
   drift with it; the CPU-time ratios much less).
 
@@ -171,6 +173,12 @@ def run(workdir: Path, device: str, quick: bool = False, *, checkpoint: str | No
                 out["parity"] = _parity(stages["fp16"], group["pixels"], sizes, device)
                 reference = group["scores"]["fp16"]
                 out["fold"] = {**group["fold"], "break_even": _break_even(stages["fp16"], sizes, device, group["tokens"])}
+                from .blip_lazy import lazy_rows
+
+                out["lazy"] = lazy_rows(checkpoint=ckpt, device=device, encoder=encoder, paths=paths, candidates=sizes.candidates,
+                                        image_size=res, eager_scores=group["scores"]["fp16"], workdir=workdir, query=_query(),
+                                        folder_store=_CacheFolder,
+                                        first_stage_scores=np.array([h.retrieval_score for h in _hits([""] * sizes.candidates)]))
             for storage, option in group["options"].items():
                 option[f"agreement_vs_{out['reference']}"] = agreement(reference, group["scores"][storage])
                 out["options"][f"{storage}@{res}"] = option
@@ -505,7 +513,7 @@ def _parity(stage: Any, pixels: list[Any], sizes: BlipSizes, device: str) -> dic
 
     if device != "cpu":
         return {"measured": False, "why": f"the stage runs {_precision(device)} on {device}; parity (1e-4) is defined in fp32 "
-                                          "on CPU (tests/integration/test_blip_itm.py checks it)"}
+                                          "on CPU (tests/integration/reranking/test_blip_itm.py checks it)"}
     px = torch.cat(pixels)[: sizes.parity_images]
     query = _query()
     q = stage.query_tokens(query)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..devices import autocast, autocast_dtype
 from ..stages.base import Encoder
 from .timing import sync
 
@@ -58,14 +59,20 @@ class ClipStandIn(Encoder):
             self.model = CLIPVisionModelWithProjection(cfg).eval().to(self.config.device)
         self.device = self.config.device
         self._cfg = cfg
-        self._dtype = None
-        if self.device.startswith("cuda"):
-            self._dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self._dtype = autocast_dtype(self.device, "auto")  # the stages' own rule (mm_retrieval.devices)
 
     @property
     def dim(self) -> int:
         self.warm_up()
         return int(self._cfg.projection_dim)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers
 
     @property
     def fingerprint(self) -> str:
@@ -77,15 +84,15 @@ class ClipStandIn(Encoder):
     def encode_text_tokens(self, texts, *, with_tokens=True):  # pragma: no cover
         raise NotImplementedError
 
-    def encode_pixels(self, pixels: Any, *, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        import contextlib
+    def autocast(self) -> Any:
+        self.warm_up()
+        return autocast(self.device, self._dtype)
 
+    def encode_pixels(self, pixels: Any, *, with_tokens: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
         import torch.nn.functional as F
 
-        self.warm_up()
-        amp = torch.autocast("cuda", dtype=self._dtype) if self._dtype is not None else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self.autocast():
             emb = self.model(pixel_values=pixels.to(self.device, non_blocking=True)).image_embeds
             return F.normalize(emb.float(), dim=-1).cpu().numpy(), None
 
@@ -145,7 +152,7 @@ class IndexRun:
 def index_files(encoder: Encoder, paths: list[Path], *, image_side: Any = None, writers: list[Any] = ()) -> IndexRun:
     """One pass of ``encode_files`` over ``paths`` (with ``image_side``: its tokens written
     through every writer, committed per batch as an index run does)."""
-    from ..stages.base import encode_files
+    from ..encoding import ImageEncoding, encode_files
 
     device = str(encoder.device)
     ids: dict[str, str] = {}
@@ -153,13 +160,15 @@ def index_files(encoder: Encoder, paths: list[Path], *, image_side: Any = None, 
     first = write = 0.0
     sync(device)
     t0 = time.perf_counter()
-    for items, _emb, tokens in encode_files(encoder, [str(p) for p in paths], image_side=image_side):
-        decoded = [it for it in items if it.decoded]
+    encoding = ImageEncoding(encoder, tokens=image_side is not None, image_side=image_side)
+    for batch in encode_files(encoding, [str(p) for p in paths]):
+        decoded = [it for it, _, _ in batch if it.decoded]
         if image_side is not None:
             w0 = time.perf_counter()
             for writer in writers:
-                for it, tok in zip(decoded, tokens):
-                    writer.add(it.id, tok)
+                for it, _, tok in batch:
+                    if it.decoded:
+                        writer.add(it.id, tok)
                 writer.commit()
             write += time.perf_counter() - w0
         ids.update((it.path, it.id) for it in decoded)

@@ -222,8 +222,14 @@ def _hash_cost(quick: bool) -> dict[str, Any]:
     buf = io.BytesIO()
     Image.fromarray(make_image(np.random.default_rng(1), w, h)).save(buf, format="JPEG", quality=90)
     data = buf.getvalue()
+    import open_clip
+
+    from ..decode import ClipPreprocess
+
+    # what the indexer hashes: the model's resized input (here ViT-B-32's 224 px), not the full decode
+    resize = ClipPreprocess.of(open_clip.image_transform(224, is_train=False)).resize
     image_phash(decode_image(data))  # imports
-    dec, hsh = [], []
+    dec, hsh, small = [], [], []
     for _ in range(5 if quick else 20):
         t = time.perf_counter()
         im = decode_image(data)
@@ -231,7 +237,13 @@ def _hash_cost(quick: bool) -> dict[str, Any]:
         t = time.perf_counter()
         image_phash(im)
         hsh.append(time.perf_counter() - t)
-    return {"size": [w, h], "phash": summary(hsh), "decode": summary(dec),
+        resized = resize(im)
+        t = time.perf_counter()
+        image_phash(resized)
+        small.append(time.perf_counter() - t)
+    return {"size": [w, h], "phash": summary(hsh), "decode": summary(dec), "phash_at_index": summary(small),
+            "phash_at_index_what": "the hash of the model's resized input (224 px shorter side), as the indexer takes it; "
+                                   "'phash' is the full-size photo's (mmr duplicates --backfill)",
             "phash_vs_decode": figure(statistics.median(hsh) * 1000, "ms", "decoding the JPEG", statistics.median(dec) * 1000)}
 
 
@@ -252,5 +264,6 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
         f"dupes recall by copy: {kinds}",
         (f"dupes time: {t['items']} items in {t['seconds']} s ({t['items_per_s']} items/s), {t['groups']} groups "
          f"({t['groups_planted']} planted)"),
-        f"dupes hash: {c['phash']['p50_ms']} ms p50 per {c['size'][0]}x{c['size'][1]} photo vs {c['decode']['p50_ms']} ms to decode it",
+        f"dupes hash: {c['phash']['p50_ms']} ms p50 per {c['size'][0]}x{c['size'][1]} photo vs {c['decode']['p50_ms']} ms to decode it"
+        + (f"; at index time (from the model's resized input) {c['phash_at_index']['p50_ms']} ms" if "phash_at_index" in c else ""),
     ]

@@ -123,8 +123,8 @@ def _cache_precision(pipe: Any, table: Path) -> dict[str, Any]:
     from the encoder's patch tokens (re-encoded here, so nothing is read from the cache)."""
     import torch
 
+    from ..encoding import ImageEncoding, encode_files
     from ..evaluation import load_queries, recall
-    from ..stages.base import encode_files
 
     reranker, encoder, store = pipe.reranker, pipe.encoder, pipe.store
     reranker.warm_up()
@@ -137,12 +137,8 @@ def _cache_precision(pipe: Any, table: Path) -> dict[str, Any]:
     needed = sorted({h.id for hits in first for h in hits})
     paths = {r["id"]: r["path"] for r in store.get(needed, fields=["id", "path"])}
     raw: dict[str, np.ndarray] = {}
-    for items, _, tokens in encode_files(encoder, [paths[i] for i in needed], with_tokens=True):
-        j = 0
-        for it in items:
-            if it.decoded:
-                raw[it.id] = tokens[j]
-                j += 1
+    for batch in encode_files(ImageEncoding(encoder, tokens=True), [paths[i] for i in needed]):
+        raw.update((it.id, tokens) for it, _, tokens in batch if it.decoded)
     model, device = reranker.model, reranker.device
     ranked16, ranked32 = [], []
     for caption, hits in zip(captions, first):

@@ -21,7 +21,9 @@ def _encode_start(enc: dict[str, Any]) -> list[str]:
     if wv := enc.get("workers_vs_none"):
         lines.append(f"        {wv['ratio_is']}: {_f(wv['ratio'])}x ({_f(wv['against_value'], 1)} -> {_f(wv['value'], 1)} img/s; goal {wv['goal']}x)")
     if oc := enc.get("of_cpu_ceiling"):
-        lines.append(f"        pipeline at {_f(oc['value'])} of the CPU ceiling (goal {oc['goal']})")
+        with_work = oc.get("of_ceiling_with_per_image_work")
+        lines.append(f"        pipeline at {_f(oc['value'])} of the CPU ceiling (goal {oc['goal']})"
+                     + (f"; at {_f(with_work)} of the ceiling with all per-image work" if with_work is not None else ""))
     if fb := enc.get("first_batch"):
         lines.append(f"        time to first batch in one process: {_f(fb['in_process_first_s'])} s (first run with workers), "
                      f"{_f(fb['in_process_s'])} s (later runs), {_f(fb['in_process_workers0_s'])} s (workers=0)")
@@ -53,6 +55,10 @@ def figures(doc: dict[str, Any]) -> list[str]:
                          f"pipeline {_f(it['gain']['value'])}x ({_f(it['all_threads_pipeline_img_s'], 1)} -> {_f(it['pipeline_img_s'], 1)} img/s)")
         if c := enc.get("cpu_ceiling"):
             lines.append(f"        decode {_f(enc['decode_ms_per_image_one_process'])} ms/img per process; best possible ratio on this CPU {_f(c['ratio'])}")
+            if (w := c.get("with_per_image_work")) and (pc := enc.get("per_image_cpu_ms")):
+                lines.append(f"        with all per-image work (worker {_f(w['worker_ms'])} ms: decode, sha256, EXIF, hash; "
+                             f"without metadata {_f(pc['worker_ms_no_metadata'])} ms; indexing process beyond the forward "
+                             f"{_f(w['main_other_ms'])} ms; forward {_f(pc['forward_core_ms'])} core-ms): best possible ratio {_f(w['ratio'])}")
         lines += _encode_start(enc)
     if se := s.get("search"):
         for r in se["results"]:
@@ -175,6 +181,10 @@ def _blip(b: dict[str, Any]) -> list[str]:
         lines.append(f"        index at {res} px: {_f(w['img_s'], 1)} img/s with BLIP tokens vs {_f(wo['img_s'], 1)} without "
                      f"-> {_f(ix['throughput']['ratio'])} (steady {_f(w['steady_img_s'], 1)} vs {_f(wo['steady_img_s'], 1)}; "
                      f"first stage {b['first_stage']})")
+    if lz := b.get("lazy"):
+        from .blip_lazy import lazy_lines
+
+        lines += lazy_lines(lz)
     if (p := b.get("parity")) and p.get("measured"):
         lines.append(f"        parity with transformers' forward ({p['precision']}, {p['images']} images): max ITM logit diff "
                      f"{p['max_abs_diff_itm_logit']:.1e}")
@@ -246,6 +256,8 @@ def _cli_via_server(cv: dict[str, Any]) -> list[str]:
         f"search  `mmr search --json` in a new process, demo collection: through a running `mmr serve` "
         f"{_f(cv['via_server_s']['p50_ms'] / 1000)} s p50 vs {_f(cv['loads_model_s']['p50_ms'] / 1000)} s loading the model "
         f"(`mmr --version` {_f(cv['mmr_version_s']['p50_ms'] / 1000)} s; n={cv['via_server_s']['n']}, load average {cv['load_avg_1m']:.1f})",
+        *(f"        `mmr {name} --json` the same way: {_f(o['via_server_s']['p50_ms'] / 1000)} s p50 through the server vs "
+          f"{_f(o['loads_model_s']['p50_ms'] / 1000)} s loading the models" for name, o in cv.get("others", {}).items()),
         f"        demo collection (8 images, no video), 100 candidates: first stage p50 {_f(g['now']['p50_ms'])} ms vs "
         f"{_f(g['before_grouped']['p50_ms'])} ms grouped by video as before ({_f(g['now_vs_before']['ratio'])}x)",
     ]

@@ -136,7 +136,7 @@ def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
 
     from ..pipeline import Pipeline
     from ..stages.rerankers.cross_attention.checkpoint import save_reranker
-    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+    from ..stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
 
     db = str(workdir / "rerank.db")
     enc = {"model": sizes.encoder, "pretrained": "none", "workers": 1, "batch_size": 32}
@@ -152,7 +152,7 @@ def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
     ckpt = workdir / "rerank-ckpt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Reranker(RerankerConfig(text_dim=dims["text_dim"], image_dim=dims["image_dim"]))
+        model = CrossAttentionScorer(RerankerConfig(text_dim=dims["text_dim"], image_dim=dims["image_dim"]))
         with torch.no_grad():  # a non-zero head, as after training (same cost either way)
             model.head[-1].weight.normal_(0, 0.02)
     save_reranker(model, ckpt, encoder_fingerprint=encoder.fingerprint)
@@ -441,7 +441,7 @@ def _layouts(setup: _Setup, sizes: RerankSizes, device: str, workdir: Path) -> d
     """Bytes per image of the cached memory and of per-layer K/V, for MHA / GQA / MQA."""
     import torch
 
-    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+    from ..stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
     from ..tokencache import TokenCache
 
     d, P = setup.dims, setup.dims["P"]
@@ -462,7 +462,7 @@ def _layouts(setup: _Setup, sizes: RerankSizes, device: str, workdir: Path) -> d
         cfg = RerankerConfig(text_dim=d["text_dim"], image_dim=d["image_dim"], kv_heads=kv)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = Reranker(cfg).eval().to(device)
+            model = CrossAttentionScorer(cfg).eval().to(device)
         with torch.inference_mode():
             raw = torch.randn(n, P, d["image_dim"], device=device)
             memory = model.image_memory(raw).half()  # [n, P, M], what the cache stores

@@ -2,9 +2,9 @@
 
 An actor builds its stages once, from their specs (``{"name": ..., **config}``, what
 :meth:`Stage.to_dict` gives), and then for each batch of ``(pos, path)`` rows reads, hashes,
-decodes and encodes exactly as :func:`~mm_retrieval.stages.base.encode_files` does in one
+decodes and encodes exactly as :func:`~mm_retrieval.encoding.encode_files` does in one
 process (the same :class:`~mm_retrieval.decode.ImageFileDataset` items, so a bad file gets the
-same reason). It returns one Arrow row per file: the item's fields, its vector and its tokens
+same reason, and the same :class:`~mm_retrieval.encoding.ImageEncoding`). It returns one Arrow row per file: the item's fields, its vector and its tokens
 as bytes (flattened, with shape and dtype). It writes nothing anywhere: the driver does.
 
 A stage that fails to load does not kill the actor (Ray would log a dead actor's traceback and
@@ -75,9 +75,10 @@ class EncoderActor:
     """Encodes batches of image files on one Ray worker (CPU or one GPU)."""
 
     def __init__(self, encoder_spec: dict[str, Any], side_spec: dict[str, Any] | None, known_ids: Any,
-                 with_tokens: bool, threads: int, decode_threads: int = 0, env: dict[str, str] | None = None):
+                 tokens: bool, threads: int, decode_threads: int = 0, env: dict[str, str] | None = None):
         """``known_ids``: a Ray object ref to the frozenset of ids already indexed (hashed, not
-        decoded); ``threads``: torch threads on a CPU actor (0: leave them); ``decode_threads``:
+        decoded); ``tokens``: compute each image's tokens (the image side's with ``side_spec``,
+        else the encoder's); ``threads``: torch threads on a CPU actor (0: leave them); ``decode_threads``:
         threads reading and decoding a batch's files (a GPU actor; 0: one after the other);
         ``env``: the driver's variables this actor needs (set before any model code is imported;
         a Ray ``runtime_env`` would do it too, at the cost of a fresh worker pool per run)."""
@@ -93,31 +94,29 @@ class EncoderActor:
         self.label = f"encoder/{encoder_spec.get('name', '?')}"
         self.error: str | None = None
         try:
-            self._start(encoder_spec, side_spec, known_ids, with_tokens, threads)
+            self._start(encoder_spec, side_spec, known_ids, tokens, threads)
         except Exception as e:  # kept for the first batch (see the module docstring)
             self.error = f"a Ray encoder actor on {self.host} (pid {os.getpid()}) could not load its model: {_reason(e)}"
 
     def _start(self, encoder_spec: dict[str, Any], side_spec: dict[str, Any] | None, known_ids: Any,
-               with_tokens: bool, threads: int) -> None:
+               tokens: bool, threads: int) -> None:
         import ray
         import torch
 
-        from ..decode import Transforms
+        from ..encoding import ImageEncoding
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.encoder = build_stage("encoder", encoder_spec)
         self.label = self.encoder.label
         self.encoder.warm_up()
-        self.side = None
+        side = None
         if side_spec is not None:
             self.label = f"reranker/{side_spec.get('name', '?')}"
-            self.side = build_stage("reranker", side_spec).image_side()
+            side = build_stage("reranker", side_spec).image_side()
             self.label = self.encoder.label
-        self.transform = self.encoder.image_transform if self.side is None else Transforms(self.encoder.image_transform, self.side.transform)
+        self.encoding = ImageEncoding(self.encoder, tokens=tokens, image_side=side)
         self.known_ids = known_ids if isinstance(known_ids, frozenset) else ray.get(known_ids)
-        self.with_tokens = with_tokens and self.side is None
-        self.max_pixels = self.encoder.max_pixels
 
     def __call__(self, batch: Any) -> Any:
         """A pyarrow table of ``pos``, ``path`` rows -> the table described in the module docstring."""
@@ -135,41 +134,27 @@ class EncoderActor:
         import pyarrow as pa
 
         from ..decode import ImageFileDataset, collate_items
+        from ..encoding import per_file
 
         pos = batch.column("pos").to_pylist()
         paths = batch.column("path").to_pylist()
-        dataset = ImageFileDataset(paths, self.transform, known_ids=self.known_ids, max_pixels=self.max_pixels)
+        dataset = ImageFileDataset(paths, self.encoding.transform, known_ids=self.known_ids, max_pixels=self.encoder.max_pixels)
         if self.pool is not None:
             items = list(self.pool.map(dataset.__getitem__, range(len(paths))))
         else:
             items = [dataset[i] for i in range(len(paths))]
         items, pixels = collate_items(items)
-        emb, tokens = None, None
-        if pixels is not None:
-            if self.side is None:
-                emb, tokens = self.encoder.encode_pixels(pixels, with_tokens=self.with_tokens)
-            else:
-                first, side = pixels
-                emb, _ = self.encoder.encode_pixels(first)
-                tokens = self.side.encode(side)
+        files = per_file(items, None, None) if pixels is None else per_file(items, *self.encoding.encode(pixels))
         vectors: list[bytes | None] = []
         toks: list[bytes | None] = []
         shapes: list[list[int] | None] = []
         dtypes: list[str | None] = []
-        j = 0
-        for it in items:
-            if it.decoded:
-                vectors.append(np.ascontiguousarray(emb[j], dtype=np.float32).tobytes())
-                if tokens is not None:
-                    t = np.ascontiguousarray(np.asarray(tokens[j]))
-                    toks.append(t.tobytes())
-                    shapes.append(list(t.shape))
-                    dtypes.append(str(t.dtype))
-                else:
-                    toks.append(None), shapes.append(None), dtypes.append(None)
-                j += 1
-            else:
-                vectors.append(None), toks.append(None), shapes.append(None), dtypes.append(None)
+        for _, vector, tokens in files:
+            vectors.append(None if vector is None else np.ascontiguousarray(vector, dtype=np.float32).tobytes())
+            t = None if tokens is None else np.ascontiguousarray(np.asarray(tokens))
+            toks.append(None if t is None else t.tobytes())
+            shapes.append(None if t is None else list(t.shape))
+            dtypes.append(None if t is None else str(t.dtype))
         return pa.table({
             "pos": pa.array([pos[it.pos] for it in items], pa.int64()),
             "path": pa.array([it.path for it in items], pa.string()),

@@ -1,13 +1,13 @@
-"""The Ray Data side of an index run: paths in, ``(items, embeddings, tokens)`` batches out.
+"""The Ray Data side of an index run: paths in, batches of one result per file out.
 
-:class:`RayEncodeBatches` has :func:`~mm_retrieval.stages.base.encode_files`' signature and
-output (the :class:`~mm_retrieval.stages.base.EncodeBatches` protocol), so the
+:class:`RayEncodeBatches` has :func:`~mm_retrieval.encoding.encode_files`' signature and
+output (the :class:`~mm_retrieval.encoding.EncodeBatches` protocol), so the
 :class:`~mm_retrieval.indexing.Indexer` runs unchanged on the driver: it plans, and it writes
 every vector, text vector, token cache row and deletion, in its crash-safe order. Only reading,
 hashing, decoding and encoding move to the cluster::
 
     paths --from_arrow (one block per batch)--> map_batches(EncoderActor, ActorPoolStrategy(size=N),
-    num_gpus=1 on GPUs) --iter_batches (in order)--> rebuilt DecodedItems + vectors + tokens
+    num_gpus=1 on GPUs) --iter_batches (in order)--> EncodedFiles (rebuilt DecodedItem, vector, tokens)
 
 Results come back in the paths' order (``preserve_order``), so a run's report equals the
 single-process run's. A killed actor is restarted by Ray and its batch retried (Ray Data's actor
@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from ..encoding import EncodedFile, ImageEncoding
 from ..errors import InputError, StageError
-from ..stages.base import Encoder, ImageSide
+from ..stages.base import Encoder
 from .actors import EncoderActor, actor_error, stage_spec
 from .connect import RayCluster
 
@@ -87,11 +88,13 @@ class RayEncodeBatches:
             "cluster": {"cpus": self.cluster.cpus, "gpus": self.cluster.gpus},
         }
 
-    def __call__(self, encoder: Encoder, paths: list[str], *, known_ids: frozenset[str] = frozenset(), with_tokens: bool = False,
-                 image_side: ImageSide | None = None) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]:
+    def __call__(self, encoding: ImageEncoding, paths: list[str], *,
+                 known_ids: frozenset[str] = frozenset()) -> Iterator[list[EncodedFile]]:
+        """What :func:`~mm_retrieval.encoding.encode_files` yields, computed by the actors: each
+        rebuilds ``encoding`` (the encoder from its spec, the image side from the reranker's)."""
         if not paths:
             return
-        if image_side is not None and self.side_spec is None:
+        if encoding.image_side is not None and self.side_spec is None:
             raise InputError("an image side needs the reranker's spec to be rebuilt on the Ray actors (pass side_spec)")
         from ray.data import DataContext
 
@@ -101,12 +104,11 @@ class RayEncodeBatches:
         ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # never wait forever for actors that can't be placed
         ctx.raise_original_map_exception = True
         try:
-            yield from self._run(paths, known_ids, with_tokens, image_side)
+            yield from self._run(paths, known_ids, encoding.tokens, encoding.image_side is not None)
         finally:
             ctx.execution_options.preserve_order, ctx.wait_for_min_actors_s, ctx.raise_original_map_exception = saved
 
-    def _run(self, paths: list[str], known_ids: frozenset[str], with_tokens: bool,
-             image_side: ImageSide | None) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]:
+    def _run(self, paths: list[str], known_ids: frozenset[str], tokens: bool, image_side: bool) -> Iterator[list[EncodedFile]]:
         import pyarrow as pa
         import ray
         from ray.data import ActorPoolStrategy
@@ -123,8 +125,8 @@ class RayEncodeBatches:
             num_cpus=self.cpus_per_actor,
             num_gpus=1 if self.use_gpu else None,
             fn_constructor_kwargs={
-                "encoder_spec": self.encoder_spec, "side_spec": self.side_spec if image_side is not None else None,
-                "known_ids": ray.put(known_ids), "with_tokens": with_tokens,
+                "encoder_spec": self.encoder_spec, "side_spec": self.side_spec if image_side else None,
+                "known_ids": ray.put(known_ids), "tokens": tokens,
                 "threads": 0 if self.use_gpu else int(self.cpus_per_actor), "decode_threads": self.decode_threads, "env": env,
             },
             udf_modifying_row_count=False,
@@ -140,23 +142,23 @@ class RayEncodeBatches:
             raise StageError(self.label, f"the Ray encoder actors failed: {type(e).__name__}: {_short(e)}") from e
 
 
-def unpack(table: Any) -> tuple[list[Any], np.ndarray, np.ndarray | None]:
-    """One actor output table -> :func:`encode_files`' ``(items, embeddings, tokens)``."""
+def unpack(table: Any) -> list[EncodedFile]:
+    """One actor output table -> the batch :func:`~mm_retrieval.encoding.encode_files` yields."""
     from ..decode import DecodedItem
 
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    items, vectors, tokens = [], [], []
+    out = []
     for k in range(table.num_rows):
         item = DecodedItem(int(cols["pos"][k]), cols["path"][k], id=cols["id"][k] or "", digest=cols["digest"][k] or "",
                            decoded=bool(cols["decoded"][k]), known=bool(cols["known"][k]), error=cols["error"][k],
                            meta=json.loads(cols["meta"][k]) if cols.get("meta") and cols["meta"][k] else {})
-        items.append(item)
+        vector = tokens = None
         if item.decoded:
-            vectors.append(np.frombuffer(cols["vector"][k], dtype=np.float32))
+            vector = np.frombuffer(cols["vector"][k], dtype=np.float32)
             if cols["tokens"][k] is not None:
-                tokens.append(np.frombuffer(cols["tokens"][k], dtype=np.dtype(cols["token_dtype"][k])).reshape(cols["token_shape"][k]))
-    emb = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-    return items, emb, (np.stack(tokens) if tokens else None)
+                tokens = np.frombuffer(cols["tokens"][k], dtype=np.dtype(cols["token_dtype"][k])).reshape(cols["token_shape"][k])
+        out.append(EncodedFile(item, vector, tokens))
+    return out
 
 
 def _short(e: BaseException) -> str:

@@ -1,7 +1,8 @@
 """The FastAPI application behind ``mmr serve``.
 
 Routes: ``GET /healthz`` (the process is up), ``GET /readyz`` (models loaded; batching stats),
-``POST /search`` (``mmr search --json``; by text, image bytes or item id), the rerank endpoints of
+``POST /search`` (``mmr search --json``; by text, image bytes or item id), ``POST /eval``
+(``mmr eval --json``: :mod:`.evaluation`), the rerank endpoints of
 :mod:`mm_retrieval.server.formats`, and the search page at ``/`` with its routes
 (:mod:`mm_retrieval.server.web`). OpenAPI at ``/openapi.json``, interactive docs at ``/docs`` and
 ``/redoc`` (their scripts served by the server itself, so they work offline). Every request is
@@ -27,6 +28,7 @@ from .. import __version__
 from .config import ServerConfig
 from .engine import Engine
 from .errors import TEI, VLLM, ApiError, family_of
+from .evaluation import add_eval_route
 from .formats import cohere, native, tei, vllm
 from .middleware import DOCS_ASSETS, AccessLog, ApiKeyAuth, BodyLimit
 from .web import add_web_routes
@@ -43,6 +45,8 @@ fly and never written to the collection.
 
 **Search** (`POST /search`) takes a text `query`, or an `image` (base64 or `data:image/...;base64,`),
 or an indexed item's `image_id`; `offset` pages through the ranking. The search page at `/` uses it.
+`POST /eval` measures recall on captions a client sends (`mmr eval` through the server), and
+`POST /explain` returns the reranker's attention (`mmr explain` and the page).
 
 **Scores** (`relevance_score`, TEI `score`) are the reranker's logit, `scale * cosine +
 correction`: the `score` of `mmr search --rerank`, unbounded, higher is better. Without a
@@ -135,6 +139,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
         """vLLM / Jina rerank; documents may be image content parts."""
         return SafeJSONResponse(await vllm.rerank(engine, req))
 
+    add_eval_route(app, engine)
     add_web_routes(app, engine)
     return app
 

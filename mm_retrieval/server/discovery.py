@@ -1,4 +1,5 @@
-"""How ``mmr search`` finds a running ``mmr serve`` and asks it instead of loading models.
+"""How ``mmr search`` (``eval``, ``explain``) finds a running ``mmr serve`` and asks it instead
+of loading models.
 
 A server announces itself in a small JSON file in its collection's cache folder, beside a Milvus
 Lite database (``mmr.db.mmr/<collection>/server.json``; for a Milvus server URI under
@@ -13,6 +14,7 @@ only the standard library (urllib, json).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -135,26 +137,52 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def search(url: str, body: dict[str, Any], *, api_key: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
-    """``POST /search`` on the server at ``url``: the ``mmr search --json`` document. A request
-    the server refuses becomes an :class:`InputError` with its message; a server that cannot be
-    reached or fails, an :class:`MMRError`."""
+class ServerRefused(InputError):
+    """A request the server refused (4xx): its message, and the HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def post(url: str, route: str, body: dict[str, Any], *, api_key: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+    """``POST route`` with a JSON ``body`` on the server at ``url``: its JSON reply. A request the
+    server refuses becomes a :class:`ServerRefused` (an :class:`InputError`) with its message; a
+    server that cannot be reached or fails, an :class:`MMRError`."""
+    req = urllib.request.Request(f"{url.rstrip('/')}{route}", data=json.dumps(body).encode(), headers=_headers(api_key), method="POST")
+    return json.loads(_fetch(url, req, route, timeout))
+
+
+def get(url: str, route: str, *, api_key: str | None = None, timeout: float = 300.0) -> bytes:
+    """``GET route`` on the server at ``url``: the body (errors as :func:`post`)."""
+    return _fetch(url, urllib.request.Request(f"{url.rstrip('/')}{route}", headers=_headers(api_key)), route, timeout)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(f"{url.rstrip('/')}/search", data=json.dumps(body).encode(), headers=headers, method="POST")
+    return headers
+
+
+def _fetch(url: str, req: urllib.request.Request, route: str, timeout: float) -> bytes:
     try:
         with _opener().open(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            return resp.read()
     except urllib.error.HTTPError as e:
         detail = _detail(e)
         if e.code == 401:
             raise InputError(f"the server at {url} wants an API key: set MMR_API_KEY ({detail})") from None
         if 400 <= e.code < 500:
-            raise InputError(detail) from None
-        raise MMRError(f"the server at {url} failed the search (HTTP {e.code}): {detail}") from None
+            raise ServerRefused(detail, e.code) from None
+        raise MMRError(f"the server at {url} failed {route} (HTTP {e.code}): {detail}") from None
     except (OSError, ValueError) as e:
         raise MMRError(f"cannot reach the server at {url}: {e}; is `mmr serve` running there?") from None
+
+
+def search(url: str, body: dict[str, Any], *, api_key: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+    """``POST /search`` on the server at ``url``: the ``mmr search --json`` document."""
+    return post(url, "/search", body, api_key=api_key, timeout=timeout)
 
 
 def _detail(e: urllib.error.HTTPError) -> str:
@@ -172,8 +200,6 @@ def remote_search(url: str, query: str | None = None, *, image: str | Path | Non
                   sort: str | None = None, collapse_duplicates: bool = False) -> SearchResult:
     """``Pipeline.search`` answered by the server at ``url``: the same options and the same
     result, the query label included (an image query is read here and sent inline)."""
-    import base64
-
     from ..search import query_label, read_image_query
     from ..types import SearchResult
 
@@ -189,3 +215,55 @@ def remote_search(url: str, query: str | None = None, *, image: str | Path | Non
     result = SearchResult.from_dict(search(url, body, api_key=api_key))
     result.query = query_label(query, image)
     return result
+
+
+def remote_eval(url: str, queries: dict[str, set[str]], captions: list[str], *, mode: str, candidates: int, rerank: bool,
+                require_indexed: bool, api_key: str | None = None) -> dict[str, Any]:
+    """``evaluate`` answered by the server at ``url`` (``POST /eval``): ``captions`` (the usable
+    ones of ``queries``: caption -> relevant ids) ranked by its pipeline; the ``mmr eval --json``
+    document. ``require_indexed``: an error naming how to index when the collection lacks some
+    relevant image (the server indexes nothing)."""
+    body = {"queries": [{"text": c, "relevant": sorted(queries[c])} for c in captions], "mode": mode,
+            "candidates": candidates, "rerank": rerank, "require_indexed": require_indexed}
+    try:
+        return post(url, "/eval", body, api_key=api_key, timeout=3600.0)
+    except ServerRefused as e:
+        if e.status == 409:
+            raise InputError(f"{e}: index them first (`mmr index TABLE`; stop `mmr serve` first when the database is a "
+                             "Milvus Lite file, which one process opens at a time), or pass --no-index to evaluate against "
+                             "what is indexed") from None
+        raise
+
+
+def remote_explain(url: str, query: str, image: str, *, layer: int | None = None, head: int | None = None,
+                   api_key: str | None = None) -> tuple[dict[str, Any], Any]:
+    """``attention_maps`` answered by the server at ``url`` (``POST /explain``), for ``image``: an
+    image file (the item indexed from it, else the file's bytes) or an indexed item's id. Returns
+    (the server's reply, the PIL image to draw the maps over: the file, else the item's image
+    from the server)."""
+    from ..decode import DecodeError, decode_image, is_video
+    from ..search import read_image_query
+
+    body: dict[str, Any] = {"query": query, "layer": layer, "head": head}
+    p = Path(image).expanduser()
+    if p.is_file():
+        path = str(p.resolve())
+        data = read_image_query(path)
+        try:
+            doc = post(url, "/explain", {**body, "path": path}, api_key=api_key)
+        except ServerRefused as e:
+            if e.status != 404:
+                raise
+            doc = post(url, "/explain", {**body, "image": base64.b64encode(data).decode("ascii")}, api_key=api_key)
+    elif len(image) == 32 and not image.strip("0123456789abcdef"):
+        doc = post(url, "/explain", {**body, "id": image}, api_key=api_key)
+        local = Path(doc.get("path") or "")
+        # the item's file when this machine sees it (an image: exactly what the server read), else the server's render
+        data = local.read_bytes() if local.is_file() and not is_video(str(local)) else get(url, f"/image/{image}", api_key=api_key)
+    else:
+        raise InputError(f"{image!r} is neither an image file nor the id of an indexed image")
+    try:
+        pil = decode_image(data).convert("RGB")
+    except DecodeError as e:
+        raise InputError(f"{image} is not a usable image: {e}") from e
+    return doc, pil

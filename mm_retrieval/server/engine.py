@@ -26,7 +26,8 @@ from ..errors import InputError, MMRError, StoreError
 from ..pipeline import Pipeline
 from ..query import Query, validate_query
 from ..search import (SearchPlan, Timings, apply_rerank_scores, collapse_duplicates, encode_image_query, finish, first_stage, plan_search, query_kind,
-                      query_label, resolve_mode, stored_vector)
+                      query_label, resolve_mode, stored_vector, unscored_reason)
+from ..tokencache.lazy import FillsTokens
 from ..types import Hit, SearchResult
 from .batcher import DynamicBatcher, QueueFull
 from .config import ServerConfig
@@ -112,9 +113,13 @@ class Engine:
         q = self._query(query)
         check_count(len(documents), self.config)
         candidates = await self._threaded(self.resolver.resolve, documents)
+        await self._fill_tokens([Hit(id=c.id, path="", score=0.0, retrieval_score=0.0) for c in candidates if c.id], find=True)
         result = await self._score(ScoreJob(query=q, candidates=candidates))
-        order = np.argsort(-result.scores, kind="stable").tolist()
-        return Ranking(scores=result.scores, retrieval=result.retrieval, order=order, query_tokens=result.query_tokens)
+        scores = result.scores.copy()
+        unscored = np.isnan(scores)  # no tokens could be computed (lazy tokens, file gone): the retrieval score, ranked last
+        scores[unscored] = result.retrieval[unscored]
+        order = np.lexsort((-scores, unscored)).tolist()
+        return Ranking(scores=scores, retrieval=result.retrieval, order=order, query_tokens=result.query_tokens)
 
     # ---- search ----------------------------------------------------------------------------
     async def search(self, query: str | None = None, *, image: bytes | None = None, image_id: str | None = None,
@@ -179,23 +184,67 @@ class Engine:
         """The reranker's scores for ``hits`` from the batcher, ordered (or fused) as the library does."""
         if not hits:
             return []
+        await self._fill_tokens(hits)
         cands = [Candidate(id=h.id) for h in hits]
         job = ScoreJob(query=query, candidates=cands, retrieval=np.array([h.first_stage_image_score for h in hits], np.float32))
         scores = (await self._score(job)).scores
-        return apply_rerank_scores(hits, scores, plan.top, mode=mode, search=plan.options)
+        return apply_rerank_scores(hits, scores, plan.top, mode=mode, search=plan.options, unscored=unscored_reason(self.reranker))
+
+    def _indexed_hits(self, ids: list[str]) -> list[Hit]:
+        """Indexed items as the first stage returns them (path; a video moment's video and frame):
+        what a lazy token fill reads."""
+        store = self.pipeline.store
+        media = store.has_media_fields()
+        hits = []
+        for r in store.get(ids, fields=("id", "path", *(("media_id", "frame") if media else ()))):
+            h = Hit(id=str(r["id"]), path=r.get("path") or "", score=0.0, retrieval_score=0.0)
+            if r.get("media_id") and r["media_id"] != h.id:
+                h.video_id, h.frame = r["media_id"], r.get("frame")
+            hits.append(h)
+        return hits
+
+    async def _fill_tokens(self, hits: list[Hit], *, find: bool = False) -> None:
+        """A reranker whose tokens are computed lazily (``mmr index --tokens lazy``): compute the
+        candidates' missing ones on a worker thread, not on the device thread, so that the
+        batcher goes on scoring other requests (whose tokens are cached) while this query's
+        images are encoded. The scoring job then finds them cached. ``find``: ``hits`` are bare
+        ids; the store says where the missing ones' files are."""
+        if not isinstance(self.reranker, FillsTokens) or not hits:
+            return
+        todo = await self._threaded(self.reranker.tokens_to_fill, hits)  # the token map only: no file, no store
+        if todo and find:
+            todo = await self._threaded(self._indexed_hits, [h.id for h in todo])
+        if todo:
+            await self._threaded(lambda: self.reranker.fill_tokens(todo, keep=[h.id for h in hits]))
 
     # ---- explain ---------------------------------------------------------------------------
-    async def explain(self, query: str, item_id: str) -> dict[str, Any]:
-        """The reranker's attention of ``query`` over indexed item ``item_id`` (see
-        :func:`mm_retrieval.explain.attention_maps`): per query word, per head and averaged."""
-        from ..explain import attention_maps
+    async def explain(self, query: str, item_id: str | None = None, *, path: str | None = None, image: bytes | None = None,
+                      layer: int | None = None, head: int | None = None) -> dict[str, Any]:
+        """The reranker's attention of ``query`` over an indexed item (``item_id``, or the item
+        indexed from ``path``) or an inline ``image`` (see :func:`mm_retrieval.explain.attention_maps`):
+        per query word, per head and averaged, and ``view``: the maps of ``layer`` and ``head``."""
+        from ..explain import attention_maps, indexed_at
 
         q = self._query(query)
         if not (self.has_reranker and self.reranker.can_explain):
             raise ApiError(422, "this server has no reranker that can explain its scores: start it with `mmr serve --rerank DIR`")
-        await self._threaded(self.media.locate, item_id)  # an indexed image, at its recorded path (see media.py)
-        ex = await self._on_device(lambda: attention_maps(self.pipeline, q, item_id))
-        return {**ex.to_dict(), "heads": int(ex.head_maps.shape[0])}
+        if path is not None:
+            item_id = await self._threaded(indexed_at, self.pipeline.store, path)
+            if item_id is None:
+                raise ApiError(404, f"no item in collection {self.pipeline.store.name!r} was indexed from {path[:300]!r}; "
+                                    "send the image itself (image) to explain it", param="path")
+        if image is not None:
+            await self._threaded(self.resolver.check_image, image, "the image")
+        else:
+            found = await self._threaded(self.media.locate, item_id)  # an indexed image, at its recorded path (see media.py)
+            path = found.path
+
+        def run() -> dict[str, Any]:
+            ex = attention_maps(self.pipeline, q, image if image is not None else item_id)
+            return {**ex.to_dict(), "heads": int(ex.head_maps.shape[0]), "path": path,
+                    "view": ex.grid(layer=layer, head=head).tolist()}
+
+        return await self._on_device(run)
 
     def _first_stage(self, plan: SearchPlan, mode: str, vector: np.ndarray) -> list[Hit]:
         try:

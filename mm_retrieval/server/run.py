@@ -95,11 +95,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def _announcer(pipeline: Pipeline, url: str, *, api_key: bool) -> Callable[[], AbstractContextManager[Any]] | None:
-    """What the app enters once ready: the announcement ``mmr search`` looks for (a Milvus store
-    only: the file lives in its collection's cache folder)."""
+    """What the app enters once ready: the announcement ``mmr search`` looks for (a store with
+    a :attr:`~mm_retrieval.stages.base.Store.location` only: the file lives in its collection's cache folder)."""
     store = pipeline.store
-    uri = getattr(getattr(store, "config", None), "uri", None)
-    if not isinstance(uri, str):
+    uri = store.location
+    if uri is None:
         return None
     spec = pipeline.config.reranker
     advert = Advert(url=url, pid=os.getpid(), db=uri, collection=store.name, api_key=api_key,

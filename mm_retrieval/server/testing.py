@@ -61,7 +61,7 @@ def save_demo_reranker(pipe: Any, out: Path, *, seed: int = 0) -> Path:
     import torch
 
     from ..stages.rerankers.cross_attention.checkpoint import save_reranker
-    from ..stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+    from ..stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
 
     encoder = pipe.encoder
     encoder.warm_up()
@@ -73,7 +73,7 @@ def save_demo_reranker(pipe: Any, out: Path, *, seed: int = 0) -> Path:
     image_dim = int(np.asarray(tokens).shape[-1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Reranker(RerankerConfig(text_dim=int(text_dim), image_dim=image_dim, width=64, heads=2, memory_dim=32))
+        model = CrossAttentionScorer(RerankerConfig(text_dim=int(text_dim), image_dim=image_dim, width=64, heads=2, memory_dim=32))
         with torch.no_grad():
             model.head[-1].weight.normal_(0, 5.0)
             model.log_retrieval_scale.fill_(-5.0)

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from ..search import MAX_CANDIDATES
+from .documents import image_from_base64
 from .engine import Engine
 from .errors import ApiError
 from .media import OpenVideo, Rendered
@@ -38,12 +39,19 @@ class ExplainRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     query: str = Field(description="The text query whose attention to show.")
-    id: str = Field(pattern=r"^[0-9a-f]{32}$", description="An indexed item's id, as /search returns it.")
+    id: Optional[str] = Field(None, pattern=r"^[0-9a-f]{32}$", description="An indexed item's id, as /search returns it.")
+    path: Optional[str] = Field(None, min_length=1, max_length=4096, description="Or an indexed item by its path, exactly as stored (resolved); "
+                                                               "404 when no item was indexed from it. The server never reads it.")
+    image: Optional[str] = Field(None, description="Or any image: its file's bytes as data:image/...;base64,... or bare base64 "
+                                                   "(at most --max-image-mb), encoded on the fly and never stored.")
+    layer: Optional[int] = Field(None, description="`view` shows this attention layer instead of the mean over layers.")
+    head: Optional[int] = Field(None, description="`view` shows this attention head instead of the mean over heads.")
 
 
 class ExplainResponse(BaseModel):
     query: str
-    id: Optional[str]
+    id: Optional[str] = Field(description="The indexed item explained; null for an inline image.")
+    path: Optional[str] = Field(None, description="Its file, as stored; null for an inline image.")
     words: list[str] = Field(description="Query words; maps[i] is word i's attention.")
     grid: list[int] = Field(description="[rows, cols] of image patches (over the centre square the encoder sees).")
     layers: int = Field(description="Attention layers of the reranker (the maps are averaged over them).")
@@ -52,6 +60,8 @@ class ExplainResponse(BaseModel):
     head_maps: list[list[list[list[float]]]] = Field(description="[heads][words][rows][cols], averaged over layers.")
     score: float = Field(description="The reranker's score of this pair.")
     retrieval_score: float = Field(description="The first stage's similarity of this pair.")
+    view: list[list[list[float]]] = Field(description="[words][rows][cols] of the requested `layer` and `head` (the mean over "
+                                                      "those not given), unrounded: what `mmr explain --layer/--head` draws.")
 
 
 @lru_cache(maxsize=None)
@@ -144,9 +154,14 @@ def add_web_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.post("/explain", tags=["web"], response_model=ExplainResponse)
     async def explain(req: ExplainRequest) -> dict:
-        """The reranker's cross-attention over an indexed image, per query word and per head
-        (what ``mmr explain`` draws), as grids for the page to draw."""
-        return await engine.explain(req.query, req.id)
+        """The reranker's cross-attention over an image, per query word and per head (what
+        ``mmr explain`` draws), as grids for the page to draw. The image is exactly one of: an
+        indexed item's `id`, an indexed item's stored `path`, or an inline `image`."""
+        given = [name for name in ("id", "path", "image") if getattr(req, name) is not None]
+        if len(given) != 1:
+            raise ApiError(422, f"give exactly one of id, path and image (got {', '.join(given) or 'none'})")
+        image = image_from_base64(req.image, engine.config, "image") if req.image is not None else None
+        return await engine.explain(req.query, req.id, path=req.path, image=image, layer=req.layer, head=req.head)
 
 
 class VideoLink(BaseModel):

@@ -13,11 +13,11 @@ becomes a :class:`~mm_retrieval.errors.StageError` naming the stage, raised from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
@@ -163,38 +163,56 @@ class Encoder(Stage):
     """Turns images and texts into L2-normalised vectors of one shared space.
 
     Subclasses provide the model; decoding images in workers and batching them is
-    :func:`encode_files`' job, which calls :attr:`image_transform` and :meth:`encode_pixels`.
+    :func:`mm_retrieval.encoding.encode_files`' job, which calls :attr:`image_transform` and
+    :meth:`encode_pixels`.
     """
 
-    #: The torch device the model runs on ("cpu", "cuda", "cuda:1"); final after :meth:`warm_up`.
+    #: The PyTorch device the model runs on ("cpu", "cuda", "cuda:1"); final after :meth:`warm_up`.
     device: str = "cpu"
     #: The text tokenizer, ``list[str] -> [N, C]`` token ids (set by :meth:`warm_up`); used to
     #: map token features back to words.
     tokenizer: Any = None
 
-    # ---- run-time settings index runs read (each from the config field of its name when the
-    # ---- config has one, else the default; an encoder without such a field may override) ----
+    # ---- run-time settings index runs read: declared here with their defaults; an encoder
+    # ---- whose config has such a field overrides the property to return it ----
     @property
     def batch_size(self) -> int:
         """Images per forward pass at index time (default 32)."""
-        return int(getattr(self.config, "batch_size", 32))
+        return 32
 
     @property
     def workers(self) -> int:
         """Decoding worker processes at index time (default 0: decode in this process)."""
-        return int(getattr(self.config, "workers", 0))
+        return 0
 
     @property
     def index_threads(self) -> int:
         """Torch threads while indexing on a CPU; 0 (the default): cores minus workers."""
-        return int(getattr(self.config, "index_threads", 0) or 0)
+        return 0
 
     @property
     def max_pixels(self) -> int:
         """Largest image (width x height) decoded; larger ones are skipped as decompression bombs."""
         from ..decode import DEFAULT_MAX_PIXELS
 
-        return int(getattr(self.config, "max_pixels", DEFAULT_MAX_PIXELS))
+        return DEFAULT_MAX_PIXELS
+
+    @property
+    def image_size(self) -> int | None:
+        """Pixels per side of the square images :attr:`image_transform` makes (what a model that
+        reads the encoder's input pixels is built for); None (the default) when not fixed."""
+        return None
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The model's own softmax temperature (CLIP's ``exp(logit_scale)``: scale * cosine are
+        its logits), read by reranker training; None (the default) when the model has none."""
+        return None
+
+    def autocast(self) -> Any:
+        """A context manager that runs forwards in the encoder's precision (autocast, see
+        :func:`mm_retrieval.devices.autocast_dtype`); the default runs them as they are."""
+        return contextlib.nullcontext()
 
     @property
     @abstractmethod
@@ -213,9 +231,9 @@ class Encoder(Stage):
 
     @abstractmethod
     def encode_text_tokens(self, texts: Sequence[str], *, with_tokens: bool = True) -> tuple[Any, Any, Any]:
-        """One text-tower forward for ``texts``: (embeddings [N, D] float32 torch tensor, equal to
-        :meth:`encode_text`'s; token features [N, C, W] float32 torch tensor, or None without
-        ``with_tokens``; mask [N, C] bool torch tensor, True at real tokens). C is the tokenizer's
+        """One text-tower forward for ``texts``: (embeddings [N, D] float32 PyTorch tensor, equal to
+        :meth:`encode_text`'s; token features [N, C, W] float32 PyTorch tensor, or None without
+        ``with_tokens``; mask [N, C] bool PyTorch tensor, True at real tokens). C is the tokenizer's
         context length. An encoder without token features raises ConfigError saying so."""
 
     @abstractmethod
@@ -264,11 +282,24 @@ class Store(Stage):
     ``end`` / ``frame``, and ``group_by_media`` searches return one hit per media item.
     """
 
+    #: What :meth:`search` and :meth:`hybrid_search` take besides the arguments every store
+    #: takes: ``"group_by_media"`` (one hit per media item; a store written before videos has
+    #: none to group and leaves it out), ``"min_score"`` (a range search: every hit scoring above
+    #: it, at most ``limit``; without it the search flow cuts the top ``limit`` hits there).
+    search_options: ClassVar[frozenset[str]] = frozenset({"group_by_media"})
+
     # ---- the collection -------------------------------------------------------------------
     @property
     @abstractmethod
     def name(self) -> str:
         """The collection's name (used in messages and cache folders)."""
+
+    @property
+    def location(self) -> str | None:
+        """Where the collection lives, as ``--db`` names it (a URI or a file path): a server of
+        this collection announces itself under it, so that ``mmr search --db LOCATION`` finds
+        it. None (the default): nowhere another process could open (memory)."""
+        return None
 
     @property
     @abstractmethod
@@ -337,6 +368,11 @@ class Store(Stage):
     def flush(self) -> None:
         """Make the rows written so far durable and fast to search (an index run ends with it)."""
 
+    def record_video_fact(self, holds: bool) -> None:
+        """Told by an index or sync run that has read every row whether a video segment is left
+        (``holds``), so that searches of a collection without videos need not group; a store
+        that keeps no such fact ignores it (the default)."""
+
     # ---- reads ----------------------------------------------------------------------------
     @abstractmethod
     def count(self) -> int:
@@ -380,6 +416,12 @@ class Store(Stage):
         ``group_by_media``: at most one hit per ``media_id`` (its best row), ``limit`` media items;
         a store without media fields returns the ungrouped hits (each item its own media)."""
 
+    def neighbour_ids(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[tuple[str, float]]]:
+        """For each query vector [Q, D], the ``(id, score)`` of its best ``limit`` image rows
+        (``mmr duplicates`` asks this once per item). The default is :meth:`search`'s hits; a
+        store may answer faster without fetching the hits' fields."""
+        return [[(h.id, h.score) for h in hits] for hits in self.search(vectors, limit, filter, mode="image")]
+
     @abstractmethod
     def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
                       weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60,
@@ -413,7 +455,8 @@ class Reranker(Stage):
     with, then :meth:`warm_up`. It receives the query as a :class:`~mm_retrieval.query.Query`
     (encoded once, shared with the first stage) and must not encode it again.
 
-    A subclass implements :meth:`score` and :meth:`token_writer`; it may override
+    A subclass implements :meth:`score` and :meth:`token_writer`, and claims its ``--rerank``
+    references with :meth:`accepts` (saying what they are in :attr:`references`); it may override
     :meth:`score_batch` (several queries in one forward: the server's batcher) and, with
     ``can_explain = True``, :meth:`attention_maps` (``mmr explain``, the search page's maps).
     """
@@ -426,9 +469,20 @@ class Reranker(Stage):
     #: True when :meth:`score_batch` takes ``image_tokens``: the first-stage encoder's patch
     #: tokens of candidates outside the collection (images sent inline to the server).
     reads_image_tokens: ClassVar[bool] = False
+    #: What ``--rerank REF`` takes for this reranker, one phrase (said when no reranker claims a
+    #: reference), e.g. "a directory written by `mmr train-reranker`".
+    references: ClassVar[str] = ""
 
     encoder: "Encoder | None" = None  # set by bind()
     store: "Store | None" = None
+
+    @classmethod
+    def accepts(cls, ref: str) -> bool:
+        """Whether ``--rerank REF`` names a checkpoint of this reranker. Cheap: no model import,
+        no network (a look at the path, a pattern). Plugins are asked first, then the built-in
+        rerankers, each in name order; the first yes wins (:func:`mm_retrieval.pipeline.reranker_spec`).
+        ``--rerank NAME:REF`` picks stage NAME without asking. Default: claims nothing."""
+        return False
 
     def bind(self, *, encoder: "Encoder", store: "Store") -> None:
         """Give the reranker the encoder whose vectors it builds on and the store whose token
@@ -473,7 +527,7 @@ class Reranker(Stage):
         """The reranker's own image encoder, when what it caches is not derived from the
         first-stage encoder's patch tokens (e.g. BLIP's vision transformer, with its own
         preprocessing): index runs and ``mmr cache build`` then decode each image once for both
-        models (:func:`encode_files` with ``image_side``) and write its :meth:`ImageSide.encode`
+        models (:class:`mm_retrieval.encoding.ImageEncoding`) and write its :meth:`ImageSide.encode`
         output through :meth:`token_writer`. None (the default): :meth:`token_writer` takes the
         encoder's patch tokens. May warm the reranker up."""
         return None
@@ -498,140 +552,3 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-class EncodeBatches(Protocol):
-    """What turns image files into vectors for an index run: :func:`encode_files` in this process,
-    or encoder actors on a Ray cluster (:mod:`mm_retrieval.distributed`), same output either way."""
-
-    def __call__(self, encoder: Encoder, paths: list[str], *, known_ids: frozenset[str] = ..., with_tokens: bool = ...,
-                 image_side: ImageSide | None = ...) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]: ...
-
-
-def encode_files(
-    encoder: Encoder,
-    paths: list[str],
-    *,
-    known_ids: frozenset[str] = frozenset(),
-    with_tokens: bool = False,
-    image_side: ImageSide | None = None,
-) -> Iterator[tuple[list[Any], np.ndarray, np.ndarray | None]]:
-    """Read, hash, decode and encode image files, decoding in DataLoader workers so that it
-    overlaps the forward pass. Yields ``(items, embeddings, tokens)`` per batch, where
-    ``embeddings[j]`` and ``tokens[j]`` belong to the j-th item with ``decoded`` set.
-
-    ``tokens``: the encoder's patch tokens with ``with_tokens``; with ``image_side`` (a
-    reranker's own image encoder, :meth:`Reranker.image_side`) that side's tokens instead: each
-    image is decoded once, the workers apply both preprocessings, and every batch goes through
-    both models. Else None.
-
-    Workers (the encoder config's ``workers``) are forked from this process's fork server, not
-    from this process, and die with it (:mod:`mm_retrieval.workers`: a worker forked from the run
-    inherited the open database and write lock). The server is started once per process, by the
-    first call that needs workers; files that fit in one batch, which workers could not overlap with
-    anything, are decoded here (so a small run starts no process). As with ``spawn``, a script that indexes with workers must guard its entry
-    point with ``if __name__ == "__main__":``.
-    """
-    from torch.utils.data import DataLoader
-
-    from ..decode import DEFAULT_MAX_PIXELS, ImageFileDataset, Transforms, collate_items
-    from ..workers import worker_context
-
-    cfg = encoder.config
-    batch_size = int(getattr(cfg, "batch_size", 32))
-    workers = decode_workers(encoder, len(paths))
-    context = worker_context() if workers else None  # first: the fork server imports while the model loads
-    encoder.warm_up()
-    transform = encoder.image_transform if image_side is None else Transforms(encoder.image_transform, image_side.transform)
-    dataset = ImageFileDataset(
-        paths, transform, known_ids=known_ids, max_pixels=int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_items,
-        prefetch_factor=4 if workers else None,
-        pin_memory=str(getattr(encoder, "device", "cpu")).startswith("cuda"),
-        multiprocessing_context=context,
-    )
-    empty = np.zeros((0, 0), dtype=np.float32)
-    with _cpu_threads(encoder, workers):
-        try:
-            batches = iter(loader)  # starts the workers
-        except (OSError, EOFError) as e:  # the fork server died before forking them
-            raise _workers_died(encoder, e) from e
-        try:
-            for items, pixels in batches:
-                if pixels is None:
-                    yield items, empty, None
-                    continue
-                if image_side is None:
-                    emb, tokens = encoder.encode_pixels(pixels, with_tokens=with_tokens)
-                else:
-                    first, side = pixels
-                    emb, _ = encoder.encode_pixels(first)
-                    tokens = image_side.encode(side)
-                yield items, emb, tokens
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
-                raise
-            raise _workers_died(encoder, e) from e
-
-
-def _workers_died(encoder: Encoder, e: BaseException) -> StageError:
-    from ..workers import server_died
-
-    server = server_died()
-    if server is not None and server[1]:  # killed (e.g. by the OOM killer): nothing to fix but to run again
-        return StageError(encoder.label, f"{server[0]} ({type(e).__name__}: {e}). Batches already written are kept: "
-                                         "run again to do the rest (a new fork server is started)")
-    return StageError(
-        encoder.label,
-        f"{server[0] if server else 'a decoding worker process died'} ({type(e).__name__}: {e}). If this runs from a "
-        "script, guard its entry point with `if __name__ == \"__main__\":` (workers start as with spawn), or set the "
-        "encoder's workers to 0",
-    )
-
-
-def decode_workers(encoder: Encoder, n_files: int) -> int:
-    """How many worker processes :func:`encode_files` decodes ``n_files`` with: the encoder
-    config's ``workers``, or none when the files fit in one batch."""
-    cfg = encoder.config
-    workers = int(getattr(cfg, "workers", 0))
-    return workers if n_files > int(getattr(cfg, "batch_size", 32)) else 0
-
-
-def indexing_threads(encoder: Encoder, workers: int | None = None) -> int:
-    """The torch thread count :func:`encode_files` runs a (warm) encoder with: on a CPU, one
-    thread fewer per decoding worker (at least one), since torch's intra-op threads and the
-    workers otherwise compete for the same cores and an OpenMP thread that loses its core stalls
-    the others at every barrier (measured 1.2x indexing throughput on 2 cores with 2 workers);
-    the encoder config's ``index_threads`` (when > 0) instead. Elsewhere torch's current count.
-    ``workers``: the workers actually started (default: the config's)."""
-    import torch
-
-    current = torch.get_num_threads()
-    if str(getattr(encoder, "device", "cpu")) != "cpu":
-        return current
-    configured = int(getattr(encoder.config, "index_threads", 0) or 0)
-    if workers is None:
-        workers = int(getattr(encoder.config, "workers", 0))
-    return configured if configured > 0 else max(1, current - workers)
-
-
-@contextmanager
-def _cpu_threads(encoder: Encoder, workers: int) -> Iterator[None]:
-    """Torch on :func:`indexing_threads` threads; the setting is process-wide, so it is restored
-    as soon as the loop ends or is abandoned."""
-    import torch
-
-    before, wanted = torch.get_num_threads(), indexing_threads(encoder, workers)
-    if wanted == before:
-        yield
-        return
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

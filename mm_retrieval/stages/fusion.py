@@ -13,7 +13,7 @@ improves on it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,8 @@ from mm_retrieval.types import Hit
 __all__ = ["apply_rerank_scores", "fuse_legs"]
 
 
-def apply_rerank_scores(hits: Sequence[Hit], scores: Sequence[float], k: int, *, mode: str, search: Any) -> list[Hit]:
+def apply_rerank_scores(hits: Sequence[Hit], scores: Sequence[float], k: int, *, mode: str, search: Any,
+                        unscored: Callable[[str], str | None] | None = None) -> list[Hit]:
     """Order first-stage ``hits`` by the reranker's ``scores`` (one per hit) and keep the top ``k``.
 
     ``mode="image"``: the reranker's order; each hit's ``score`` is the reranker's.
@@ -32,16 +33,31 @@ def apply_rerank_scores(hits: Sequence[Hit], scores: Sequence[float], k: int, *,
     docstring) using ``search.hybrid_ranker`` / ``search.hybrid_weights`` / ``search.rrf_k``; each
     hit's ``score`` is then the fused score. In both, ``rerank_score`` is the reranker's own. Ties
     keep the first-stage order; ranks are renumbered from 1; ``retrieval_score`` stays the first stage's.
+
+    A NaN score is a candidate the reranker could not score (e.g. its file is gone and its tokens
+    were never computed): it is kept, not dropped, with its first-stage score, ranked after the
+    scored ones (in hybrid mode: last in the image leg) and marked ``not_reranked`` with
+    ``unscored(id)``'s reason.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    nan = np.isnan(scores)
+
+    def mark(i: int) -> dict[str, Any]:
+        if not nan[i]:
+            return {"rerank_score": float(scores[i]), "not_reranked": None}
+        why = unscored(hits[i].id) if unscored is not None else None
+        return {"rerank_score": None, "not_reranked": why or "the reranker could not score it"}
+
     if mode != "hybrid":
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [dataclasses.replace(hits[int(i)], score=float(scores[i]), rerank_score=float(scores[i]), rank=r)
+        order = np.argsort(-np.where(nan, -np.inf, scores), kind="stable")[:k]
+        return [dataclasses.replace(hits[int(i)], score=hits[int(i)].score if nan[i] else float(scores[i]), rank=r, **mark(int(i)))
                 for r, i in enumerate(order, start=1)]
     text = [h.text_score for h in hits]
-    fused = fuse_legs(scores, text, ranker=search.hybrid_ranker, weights=tuple(search.hybrid_weights), rrf_k=search.rrf_k)
+    finite = scores[~nan]
+    leg = np.where(nan, finite.min() - 1.0 if finite.size else 0.0, scores)  # unscored: last in the image leg
+    fused = fuse_legs(leg, text, ranker=search.hybrid_ranker, weights=tuple(search.hybrid_weights), rrf_k=search.rrf_k)
     order = np.argsort(-fused, kind="stable")[:k]
-    return [dataclasses.replace(hits[int(i)], score=float(fused[i]), rerank_score=float(scores[i]), rank=r)
+    return [dataclasses.replace(hits[int(i)], score=float(fused[i]), rank=r, **mark(int(i)))
             for r, i in enumerate(order, start=1)]
 
 

@@ -130,6 +130,12 @@ class EncoderContract:
         assert isinstance(encoder.workers, int) and encoder.workers >= 0
         assert isinstance(encoder.index_threads, int) and encoder.index_threads >= 0
         assert isinstance(encoder.max_pixels, int) and encoder.max_pixels > 0
+        size = encoder.image_size  # the transform's square side, when fixed
+        assert size is None or tuple(encoder.image_transform(self.images()[0]).shape[-2:]) == (size, size)
+        scale = encoder.logit_scale  # reranker training's starting temperature, when the model has one
+        assert scale is None or (isinstance(scale, float) and scale > 0)
+        with encoder.autocast():  # the precision its forwards run in (a context manager)
+            pass
 
     def test_text_vectors_are_normalised_and_deterministic(self, encoder):
         a = encoder.encode_text(self.texts)
@@ -237,6 +243,8 @@ class StoreContract:
         assert store.metric in ("IP", "COSINE", "L2")
         assert store.cache_dir().name  # a Path
         assert store.local_path is None or store.local_path.is_absolute()  # one process at a time: that file
+        assert store.location is None or (isinstance(store.location, str) and store.location)
+        assert store.search_options <= {"group_by_media", "min_score"}
 
     def test_missing_collection_reads_as_empty(self, store):
         assert not store.exists()
@@ -350,6 +358,25 @@ class StoreContract:
             assert _sorted_desc([h.score for h in hits])
             assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
             assert all(h.score == h.retrieval_score and h.has_image for h in hits)
+
+    def test_neighbour_ids_are_the_searchs(self, store):
+        rows = self.filled(store)
+        q = np.stack([rows[0]["vector"], rows[5]["vector"]])
+        for ids, hits in zip(store.neighbour_ids(q, 4), store.search(q, 4)):
+            assert [i for i, _ in ids] == [h.id for h in hits]
+            assert [s for _, s in ids] == pytest.approx([h.score for h in hits], abs=1e-5)
+
+    def test_min_score_keeps_every_hit_above_it(self, store):
+        if "min_score" not in store.search_options:  # the search flow cuts the top hits itself
+            return
+        rows = self.filled(store)
+        q = rows[0]["vector"][None]
+        (every,) = store.search(q, len(rows))
+        cut = (every[1].score + every[2].score) / 2  # the best two score above it
+        (above,) = store.search(q, len(rows), min_score=cut)
+        assert [h.id for h in above] == [h.id for h in every[:2]]
+        fused = store.hybrid_search(q[0], len(rows), min_score=0.99)
+        assert [h.id for h in fused] == [rows[0]["id"]]  # only the item itself is that close (to its image vector)
 
     def test_image_search_leaves_text_only_items_out(self, store):
         rows = self.filled(store)
@@ -474,7 +501,10 @@ class RerankerContract:
     Fixtures to provide: ``reranker`` (bound with :meth:`~mm_retrieval.stages.base.Reranker.bind`
     and ready to score), ``hits`` (at least three first-stage hits it can score, best first). The
     ``query`` fixture here builds a :class:`~mm_retrieval.query.Query` on the bound encoder;
-    override it to ask something else.
+    override it to ask something else. Besides scoring, the tests cover what index runs use
+    (:meth:`~mm_retrieval.stages.base.Reranker.image_side` and ``token_writer``: the token writer
+    takes what an index run feeds it, and may write a few ids of no indexed item to the
+    collection's token cache) and ``attention_maps`` (or its ConfigError without ``can_explain``).
     """
 
     @pytest.fixture
@@ -523,3 +553,60 @@ class RerankerContract:
         reranker.rerank(query, hits, len(hits))
         reranker.score(query, hits)
         assert query.encodes <= 1
+
+    # ---- index time: what it caches per image ----------------------------------------------
+    @staticmethod
+    def images() -> list[Any]:
+        """Two PIL images unlike any indexed one."""
+        return EncoderContract.images()[:2]
+
+    def test_image_side(self, reranker):
+        side = reranker.image_side()
+        if side is None:  # what it caches (if anything) derives from the encoder's patch tokens
+            return
+        import torch
+
+        p, w = side.shape
+        assert isinstance(p, int) and isinstance(w, int) and p > 0 and w > 0
+        transform = pickle.loads(pickle.dumps(side.transform))  # it runs in the decoding workers
+        image = self.images()[0]
+        assert torch.equal(transform(image), side.transform(image))
+        tokens = np.asarray(side.encode(torch.stack([side.transform(im) for im in self.images()])), np.float32)
+        assert tokens.shape == (2, p, w) and np.isfinite(tokens).all()
+
+    def test_token_writer_takes_what_index_runs_feed_it(self, reranker):
+        from ..tokencache import TokenWriter
+
+        writer = reranker.token_writer()
+        if writer is None:  # reads nothing from the token cache: index runs keep the encoder's raw patch tokens
+            return
+        assert isinstance(writer, TokenWriter)
+        import torch
+
+        side = reranker.image_side()
+        if side is None:  # the encoder's patch tokens, as index runs give them
+            pixels = torch.stack([reranker.encoder.image_transform(im) for im in self.images()])
+            tokens = reranker.encoder.encode_pixels(pixels, with_tokens=True)[1]
+        else:  # its own image side's output
+            tokens = np.asarray(side.encode(torch.stack([side.transform(im) for im in self.images()])))
+        ids = [f"{i:02x}{'7e57' * 7}00" for i in range(len(tokens))]  # ids of no indexed item
+        for item_id, t in zip(ids, tokens):
+            writer.add(item_id, t)
+        writer.commit()
+        assert set(writer.cache.get(ids)) == set(ids)
+
+    def test_attention_maps(self, reranker, query, hits):
+        from ..errors import ConfigError
+        from ..types import AttentionMaps
+
+        if not reranker.can_explain:
+            with pytest.raises(ConfigError):
+                reranker.attention_maps(query, hits[0])
+            return
+        maps = reranker.attention_maps(query, hits[0])
+        assert isinstance(maps, AttentionMaps) and np.isfinite(maps.score) and np.isfinite(maps.retrieval_score)
+        assert maps.words and all(isinstance(w, str) and w for w in maps.words)
+        m = np.asarray(maps.maps)
+        assert m.ndim == 5 and m.shape[2] == len(maps.words) and np.isfinite(m).all()  # [layers, heads, words, gh, gw]
+        inline = reranker.attention_maps(query, hits[0], image=self.images()[1])  # an image not in the collection
+        assert np.asarray(inline.maps).shape[:3] == m.shape[:3] and np.isfinite(inline.score)

@@ -118,6 +118,27 @@ class HashEncoder(Encoder):
     def dim(self) -> int:
         return int(self.config.dim)
 
+    # the contract's run-time settings, from this config
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers
+
+    @property
+    def index_threads(self) -> int:
+        return self.config.index_threads
+
+    @property
+    def max_pixels(self) -> int:
+        return self.config.max_pixels
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
     @property
     def fingerprint(self) -> str:
         c = self.config

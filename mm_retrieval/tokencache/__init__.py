@@ -36,6 +36,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ import numpy as np
 
 from .. import failpoints
 from ..errors import IncompatibleError, InputError
+from . import budget as budgets
 from . import slotmap
 from .slotmap import FORMAT, LEGACY_FORMAT, read_meta, set_meta, transaction
 from .slots import SlotFile, data_files, fsync_dir, new_stamp
@@ -136,6 +138,14 @@ class TokenCache:
         self.shape: tuple[int, ...] | None = tuple(json.loads(meta["shape"])) if "shape" in meta else None
         #: What the arrays hold, as their writer described it (see :meth:`set_info`), or None.
         self.info: dict | None = json.loads(meta["info"]) if "info" in meta else None
+        #: "eager" (tokens written at index time; a missing one is an error) or "lazy" (a reranker
+        #: fills missing ones at query time from the items' files): see :meth:`set_policy`.
+        self.fill: str = meta.get("fill", "eager")
+        #: The bound on live slots (:mod:`.budget`), or None.
+        self.budget: tuple[str, int] | None = tuple(json.loads(meta["budget"])) if meta.get("budget") else None  # type: ignore[assignment]
+        self._touched: dict[str, int] = {}  # id -> when last read (ns), flushed to the map by the next write
+        #: Slots this instance evicted to stay within the budget (tests, benchmarks).
+        self.evicted = 0
 
     def _open_map(self) -> dict[str, str]:
         """The map's meta, creating the tables of a new cache; IncompatibleError for a file that
@@ -175,6 +185,19 @@ class TokenCache:
             set_meta(db, info=json.dumps(info))
         self.info = dict(info)
 
+    def set_policy(self, fill: str, budget: str | int | None = None) -> None:
+        """How the cache is filled (``eager``: at index time, ``lazy``: by the reranker at query
+        time) and its bound (``20GB``, or a number of images; None: unbounded). Kept in the map, so
+        every later reader and writer honours it; a bound below what the cache holds evicts the
+        least recently used slots at the next write."""
+        if fill not in budgets.FILLS:
+            raise InputError(f"unknown token fill {fill!r}; use one of {', '.join(budgets.FILLS)}")
+        bound = budgets.parse_budget(budget)
+        with transaction(self._db(), write=True) as db:
+            db.execute(budgets.USED_SCHEMA)
+            set_meta(db, fill=fill, budget=json.dumps(list(bound)) if bound else "")
+        self.fill, self.budget = fill, bound
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
@@ -202,14 +225,17 @@ class TokenCache:
             raise IncompatibleError(f"token array of shape {arr.shape} does not match the cache's {self.shape} ({self.path})")
         self._pending[item_id] = arr
 
-    def commit(self) -> None:
+    def commit(self, *, keep: Iterable[str] = ()) -> None:
         """Write buffered arrays durably: each into a free (or new) slot, fsync, then the map rows
         in one transaction. Nothing of the batch is visible (or pointed at) until that commit; an
         overwritten item's old slot is freed by it. A full disk raises InputError and leaves the
-        cache as it was."""
+        cache as it was. With a budget, the least recently used items (never the batch's nor
+        ``keep``: e.g. the rest of a query's candidates) are evicted first, in their own commit."""
         if not self._pending:
             return
         items = list(self._pending.items())
+        if self.budget is not None:
+            self._make_room([k for k, _ in items], keep)
         try:
             with transaction(self._db(), write=True) as db:
                 meta = read_meta(db)
@@ -231,6 +257,8 @@ class TokenCache:
                 db.executemany("INSERT INTO free VALUES (?)", [(s,) for s, _ in old.values()])
                 if fresh:
                     set_meta(db, slots=top + len(fresh))
+                if self.budget is not None:  # written counts as used: a new item is not the next to go
+                    budgets.flush_used(db, dict.fromkeys((k for k, _ in items), time.time_ns()))
         except OSError as e:
             if e.errno in _FULL_DISK:
                 raise InputError(f"the disk of token cache {self.path.parent} is full ({e.strerror}) while writing {len(items)} items' "
@@ -238,6 +266,33 @@ class TokenCache:
             raise
         self._pending.clear()
         self._local.memo = None  # this connection's own commit does not change its data_version
+
+    def _make_room(self, ids: list[str], keep: Iterable[str]) -> None:
+        """Evict least recently used items so that ``ids`` fit the budget (one commit, before any
+        freed slot is written again)."""
+        limit = budgets.budget_slots(self.budget, self.bytes_per_item)
+        assert limit is not None
+        if len(ids) > limit:
+            raise InputError(f"token cache {self.path.name}: {len(ids)} items' tokens do not fit its budget of {limit} images "
+                             f"({budgets.describe(self.budget)}); raise --token-budget, or ask for fewer candidates")
+        with transaction(self._db(), write=True) as db:
+            db.execute(budgets.USED_SCHEMA)
+            touched, self._touched = self._touched, {}
+            budgets.flush_used(db, touched)
+            live, _ = slotmap.counts(db)
+            need = live + len(ids) - len(slotmap.lookup(db, ids)) - limit
+            gone = budgets.victims(db, need, set(keep) | set(ids))
+            if len(gone) < need:  # the query's other candidates fill the budget: they go too, never this batch
+                taken = {i for i, _ in gone}
+                gone += budgets.victims(db, need - len(gone), set(ids) | taken)
+            db.executemany("DELETE FROM slots WHERE id = ?", [(i,) for i, _ in gone])
+            db.executemany("DELETE FROM used WHERE id = ?", [(i,) for i, _ in gone])
+            db.executemany("INSERT INTO free VALUES (?)", [(s,) for _, s in gone])
+        if gone:
+            self._local.memo = None
+            self.evicted += len(gone)
+            log.info("token cache %s: evicted %d least recently used items to stay within %s", self.path.name, len(gone),
+                     budgets.describe(self.budget))
 
     def _files_for_writing(self, db: sqlite3.Connection, meta: dict[str, str]) -> SlotFile:
         """The live generation's data files, open for writing (created for a new cache). Only
@@ -278,6 +333,8 @@ class TokenCache:
                 chunk = ids[start : start + slotmap.CHUNK]
                 found = slotmap.lookup(db, chunk)
                 db.executemany("DELETE FROM slots WHERE id = ?", [(i,) for i in found])
+                if self.budget is not None:
+                    db.executemany("DELETE FROM used WHERE id = ?", [(i,) for i in found])
                 db.executemany("INSERT INTO free VALUES (?)", [(s,) for s, _ in found.values()])
         self._local.memo = None
         self._maybe_compact()
@@ -374,6 +431,7 @@ class TokenCache:
         for _ in range(_READ_TRIES):
             gen, rows = self._lookup([ids[k] for k in todo])
             if not rows or gen is None:
+                self._touch(ids, present)
                 return out, present
             confirmed = [k for k in todo if ids[k] in strikes and strikes[ids[k]][0] == rows.get(ids[k]) and strikes[ids[k]][1] >= 3]
             if confirmed:  # the same row failed again and again: no writer is moving it, the files disagree
@@ -397,6 +455,7 @@ class TokenCache:
             present[pos[bad]] = False
             todo = pos[bad].tolist()
             if not todo:
+                self._touch(ids, present)
                 return out, present
             memo = getattr(self._local, "memo", None)
             for k in todo:  # a slot freed and rewritten since the lookup (a writer is busy), or damage: look again
@@ -409,6 +468,17 @@ class TokenCache:
             "(the data files were modified outside mmr, or are damaged); `mmr cache compact` drops them and "
             "`mmr cache build` encodes them again"
         )
+
+    def _touch(self, ids: Sequence[str], present: np.ndarray) -> None:
+        if self.budget is not None:
+            now = time.time_ns()
+            self._touched.update((i, now) for i, ok in zip(ids, present) if ok)
+
+    def contains(self, ids: Sequence[str]) -> np.ndarray:
+        """[len(ids)] bool: which ids have committed tokens (the map only: no slot is read)."""
+        ids = list(ids)
+        _, rows = self._lookup(ids)
+        return np.array([i in rows for i in ids], dtype=bool)
 
     def _lookup(self, ids: list[str]) -> tuple[int | None, dict[str, tuple[int, int]]]:
         """(live generation, id -> (slot, stamp)) for the ``ids`` that have rows. A reader keeps
@@ -526,8 +596,10 @@ class TokenCache:
             live, free = slotmap.counts(db)
             meta = read_meta(db)
         per = int(np.prod(json.loads(meta["shape"]))) * 2 if "shape" in meta else 0
+        bound = tuple(json.loads(meta["budget"])) if meta.get("budget") else None
         return {"live_slots": live, "free_slots": free, "slot_bytes": per, "live_bytes": live * per, "free_bytes": free * per,
-                "generation": int(meta.get("generation", 0))}
+                "generation": int(meta.get("generation", 0)), "fill": meta.get("fill", "eager"),
+                "budget": budgets.describe(bound) if bound else None}
 
     def file_bytes(self) -> int:
         """Bytes on disk: the map (with its WAL) and the data files."""

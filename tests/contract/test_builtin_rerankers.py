@@ -14,10 +14,10 @@ def _checkpoint(path, fingerprint):
     import torch
 
     from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
-    from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+    from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
 
     torch.manual_seed(0)
-    model = Reranker(RerankerConfig(text_dim=64, image_dim=64, width=64, heads=2, memory_dim=32))
+    model = CrossAttentionScorer(RerankerConfig(text_dim=64, image_dim=64, width=64, heads=2, memory_dim=32))
     with torch.no_grad():
         model.head[-1].weight.normal_(0, 5.0)
         model.log_retrieval_scale.fill_(-5.0)
@@ -54,3 +54,33 @@ def hits(collection):
 
 class TestCrossAttentionReranker(RerankerContract):
     pass  # fixtures: the module's `reranker` and `hits`
+
+
+# ---- reranker/blip_itm: its own image side, on a tiny random BLIP checkpoint -------------------
+@pytest.fixture(scope="module")
+def blip_collection(tmp_path_factory):
+    """8 images indexed with the tiny encoder and the tiny BLIP's vision tokens."""
+    pytest.importorskip("transformers")
+    from mm_retrieval.testing.blip import make_tiny_blip
+
+    root = tmp_path_factory.mktemp("blip-itm")
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        make_image(root / "photos" / f"{name}.png", rgb, seed=i)
+    blip = make_tiny_blip(root / "blip-tiny")
+    pipe = Pipeline(db=str(root / "mmr.db"), encoder={**TINY, "workers": 0, "batch_size": 4},
+                    reranker={"checkpoint": str(blip), "device": "cpu"})
+    pipe.index(root / "photos", progress=False)
+    yield pipe
+    pipe.close()
+
+
+class TestBlipItmReranker(RerankerContract):
+    @pytest.fixture
+    def reranker(self, blip_collection):
+        reranker = blip_collection.reranker
+        reranker.warm_up()
+        return reranker
+
+    @pytest.fixture
+    def hits(self, blip_collection):
+        return blip_collection.store.search(blip_collection.encoder.encode_text(["a purple picture"]), len(COLORS))[0]

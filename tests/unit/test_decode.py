@@ -56,3 +56,49 @@ def test_dataset_reports_reasons_and_skips_known(tmp_path):
     assert c.error and "cannot read" in c.error
     ds2 = ImageFileDataset([str(good)], transform=lambda im: 1 / 0, known_ids=frozenset({a.id}))
     assert ds2[0].known and not ds2[0].decoded and ds2[0].error is None  # known: never decoded
+
+
+def test_dataset_hashes_the_resized_model_input_and_keeps_it_bit_for_bit(tmp_path):
+    import pickle
+
+    import numpy as np
+    import open_clip
+    import torch
+
+    from mm_retrieval.bench.dupes import make_shot
+    from mm_retrieval.decode import Transforms, decode_image_meta
+    from mm_retrieval.neardup import PHASH_KEY, hash_distance
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(make_shot(1, np.random.default_rng(1), 640, 480)).save(path, quality=90)
+    transform = open_clip.image_transform(96, is_train=False)
+    ds = ImageFileDataset([str(path)], transform)
+    assert ds.split is not None  # open_clip's preprocessing starts with a Resize: the dataset runs it
+    assert b"open_clip" not in pickle.dumps(ds) and b"torchvision" not in pickle.dumps(ds)  # what workers unpickle
+    item = ds[0]
+    assert torch.equal(item.pixels, transform(decode_image(path.read_bytes())))  # the same model input
+    full = decode_image_meta(path.read_bytes())[1][PHASH_KEY]  # hashed from the full-size decode
+    assert hash_distance(item.meta[PHASH_KEY], full) <= 2
+    both = ImageFileDataset([str(path)], Transforms(transform, open_clip.image_transform(32, is_train=False)))[0]
+    assert torch.equal(both.pixels[0], item.pixels) and both.pixels[1].shape == (3, 32, 32)
+    assert PHASH_KEY not in ImageFileDataset([str(path)], transform, file_metadata=False)[0].meta
+    assert ImageFileDataset([str(path)], transform=lambda im: im.size).split is None  # any other transform: as before
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_clip_preprocess_is_open_clips_bit_for_bit(size):
+    import numpy as np
+    import open_clip
+    import torch
+
+    from mm_retrieval.decode import ClipPreprocess
+
+    transform = open_clip.image_transform(size, is_train=False)
+    ours = ClipPreprocess.of(transform)
+    rng = np.random.default_rng(size)
+    for w, h in [(size, size), (size + 1, size), (17, 5), (481, 1001), (3 * size, 2 * size + 1)]:
+        for mode in ("RGB", "L", "RGBA", "P", "CMYK"):
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            assert torch.equal(ours(im), transform(im)), (w, h, mode)
+    assert ClipPreprocess.of(open_clip.image_transform(size, is_train=False, resize_mode="squash")) is None  # not ours: kept
+    assert ClipPreprocess.of(lambda im: im) is None

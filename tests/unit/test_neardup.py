@@ -70,3 +70,15 @@ def test_collapse_keeps_the_best_of_each_group_and_items_without_hashes():
     hashes = {"a": h, "b": h, "c": far, "d": h}  # e: no hash
     kept = collapse(["a", "b", "c", "d", "e"], lambda x: x, vectors, hashes)
     assert kept == ["a", "c", "d", "e"]
+
+
+def test_the_hash_is_imagehash_phash_bit_for_bit():
+    import imagehash
+
+    rng = np.random.default_rng(3)
+    images = [_shot(s, s) for s in range(8)] + [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))]
+    images.append(Image.new("L", (33, 70), 200))  # flat: the median ties
+    for im in images:
+        small = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0).convert("L"))
+        want = "".join(str(imagehash.phash(Image.fromarray(np.ascontiguousarray(np.rot90(small, k))))) for k in range(4))
+        assert image_phash(im) == want  # hashes stored before stay comparable

@@ -1,6 +1,6 @@
 """Word search over text read from images (mm_retrieval.ocr): normalising, scoring, the boxes
 the page highlights, and the pipeline file's [index] ocr key. No OCR runs here (see
-tests/integration/test_ocr.py for the real reader)."""
+tests/integration/indexing/test_ocr.py for the real reader)."""
 
 import pytest
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mm_retrieval.errors import ConfigError, IncompatibleError, InputError, ModelLoadError
 from mm_retrieval.stages.rerankers.cross_attention.checkpoint import RERANKER_FORMAT, load_reranker, save_reranker
-from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttention, Reranker, RerankerConfig
+from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttention, CrossAttentionScorer, RerankerConfig
 
 DT, DI, P = 8, 12, 5  # tiny text width, image width, patches
 
@@ -21,10 +21,10 @@ def tiny_config(**kw) -> RerankerConfig:
     return RerankerConfig(**base)
 
 
-def trained_like(cfg: RerankerConfig | None = None, seed: int = 0) -> Reranker:
+def trained_like(cfg: RerankerConfig | None = None, seed: int = 0) -> CrossAttentionScorer:
     """A model whose head is not zero, so its ranking is not just the first stage's."""
     torch.manual_seed(seed)
-    model = Reranker(cfg or tiny_config()).eval()
+    model = CrossAttentionScorer(cfg or tiny_config()).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.head[-1].weight)
     return model
@@ -107,7 +107,7 @@ def test_padding_does_not_change_the_output():
 
 def test_fresh_model_ranks_exactly_like_the_first_stage():
     torch.manual_seed(0)
-    model = Reranker(tiny_config()).eval()
+    model = CrossAttentionScorer(tiny_config()).eval()
     text, mask, images, _ = make_inputs(B=2, N=20)
     score = torch.randn(2, 20)  # distinct first-stage cosines
     logits = model.score_images(text, mask, images, score)
@@ -134,7 +134,7 @@ def test_memory_bytes_per_image():
 
     # Default config at ViT-B-32 sizes (49 patches of width 768) stays within 16 KiB per image.
     cfg = RerankerConfig(text_dim=512, image_dim=768)
-    big = Reranker(cfg).eval()
+    big = CrossAttentionScorer(cfg).eval()
     with torch.no_grad():
         mem = big.image_memory(torch.randn(1, 49, 768)).half()
     assert mem[0].nbytes == cfg.memory_bytes_per_image(49) == big.memory_bytes_per_image(49)
@@ -413,7 +413,7 @@ def test_training_learns_what_only_cross_attention_can_see():
     cfg = RerankerConfig(
         text_dim=D, image_dim=D, width=32, heads=4, kv_heads=2, memory_dim=16, retrieval_scale_init=1.0
     )
-    model = Reranker(cfg)
+    model = CrossAttentionScorer(cfg)
     test_text, test_pos, test_neg = batch(256)
 
     def pairwise_accuracy():
@@ -438,3 +438,37 @@ def test_training_learns_what_only_cross_attention_can_see():
         loss.backward()
         opt.step()
     assert pairwise_accuracy() >= fresh + 0.2
+
+
+def test_local_image_side_sees_neighbouring_patches_not_far_ones(tmp_path):
+    # 64 px images on an 8 x 8 grid of 8 px patches: patch (2, 2) covers pixels 16-23. Its memory
+    # must change with a pixel in the next patch (31, 31) -- a whole object is wider than one
+    # patch -- and not with one three patches away (47, 47).
+    cfg = tiny_config(num_patches=64, image_size=64, local_channels=8)
+    model = CrossAttentionScorer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens, pixels = torch.randn(1, 64, DI, generator=g), torch.randn(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        base = model.image_memory(tokens, pixels)
+        near, far = pixels.clone(), pixels.clone()
+        near[..., 31, 31] += 5.0
+        far[..., 47, 47] += 5.0
+        patch = 2 * 8 + 2
+        assert (model.image_memory(tokens, near)[0, patch] - base[0, patch]).abs().max() > 1e-4
+        assert torch.equal(model.image_memory(tokens, far)[0, patch], base[0, patch])
+    assert model.needs_pixels and not CrossAttentionScorer(tiny_config()).needs_pixels
+    with pytest.raises(InputError, match=r"preprocessed pixels \[N, 3, 64, 64\]"):
+        model.image_memory(tokens)
+    with pytest.raises(InputError, match="preprocessed pixels"):
+        model.image_memory(tokens, torch.zeros(1, 3, 32, 32))
+    save_reranker(model, tmp_path, encoder_fingerprint="enc")  # the config round-trips
+    loaded, _ = load_reranker(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded.image_memory(tokens, pixels), base)
+
+
+@pytest.mark.parametrize("bad", [dict(local_channels=8), dict(local_channels=8, num_patches=64),
+                                 dict(local_channels=-1), dict(local_channels=8, num_patches=5, image_size=64)])
+def test_local_image_side_config_errors(bad):
+    with pytest.raises(ConfigError):
+        CrossAttentionScorer(tiny_config(**bad))

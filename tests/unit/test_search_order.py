@@ -39,7 +39,10 @@ def test_plan_parses_sort_and_min_score():
 
 
 class TopKOnlyStore:
-    """A third-party store written before range search: ``search`` has no ``min_score``."""
+    """A third-party store written before videos and range search: ``search`` takes neither
+    ``group_by_media`` nor ``min_score``, and says so."""
+
+    search_options = frozenset()
 
     def search(self, vectors, limit, filter="", *, mode="image"):
         return [list(HITS[:limit]) for _ in range(len(vectors))]

@@ -73,6 +73,8 @@ class SearchHit(BaseModel):
     frame: Optional[float] = Field(None, description="The time of the moment's representative frame (what /thumb/{id} shows), seconds.")
     moment: Optional[str] = Field(None, description="A video moment's span as shown, e.g. \"0:13–0:21\" (start rounded down, end up; "
                                                     "`mmr search` prints the same).")
+    near_duplicates: Optional[int] = Field(None, description="With collapse_duplicates: how many near-duplicates of this hit among "
+                                                             "the candidates were hidden (absent: none).")
 
 
 class SearchResponse(BaseModel):

@@ -193,7 +193,7 @@ function render(doc, body) {
   const ms = doc.timings_ms && doc.timings_ms.total !== undefined ? ` · ${Math.round(doc.timings_ms.total)} ms` : "";
   const order = hits.length ? scoreColumns(doc, body.query === undefined)[0] : null;
   $("status").textContent = hits.length
-    ? `Results ${first}–${first + hits.length - 1} · ${how} · mode ${doc.mode} · ordered by the ${order.name} (${order.meaning})${ms}`
+    ? `Results ${first}–${first + hits.length - 1} · ${how} · mode ${doc.mode} · ordered by the ${order.name} (${order.meaning})${collapsedText(hits, body)}${ms}`
     : (body.offset ? "No more results." : `No results${body.filter ? " (the filter may exclude everything)" : ""}.`);
   grid.dataset.reranked = String(doc.reranked);
   for (const hit of hits) grid.append(card(hit, doc));
@@ -268,6 +268,12 @@ function card(hit, doc) {
     scores.append(p);
   });
   if (!doc.reranked) scores.append(pill("rerank –", "none", "Not reranked"));
+  // lazy reranker tokens that could not be computed (e.g. the file is gone): first-stage score, listed last
+  if (hit.not_reranked) scores.append(pill("not reranked", "none", `Not reranked: ${hit.not_reranked}; it keeps its first-stage score`));
+  if (hit.near_duplicates) {
+    scores.append(pill(`+${nearDuplicates(hit.near_duplicates)}`, "none",
+      `Hidden: ${nearDuplicates(hit.near_duplicates)} of this photo (re-saved, resized, cropped or turned copies); untick "Hide near-duplicates" to see them`));
+  }
   cap.append(head, scores);
   fig.append(box, cap);
   const open = () => openDetail(hit, doc);
@@ -286,7 +292,7 @@ function scoreColumns(doc, byImage) {
   const text = { key: "text", label: "text", kind: "text", name: "caption similarity",
     meaning: `cosine of the ${query} and the caption vectors`, value: (h) => h.text_score };
   const rerank = { key: "rerank", label: "rerank", kind: "rerank", name: "reranker score",
-    meaning: "a logit, higher is better", value: (h) => h.score };
+    meaning: "a logit, higher is better", value: (h) => (h.not_reranked ? null : h.score) };
   if (doc.mode === "hybrid") {
     const fused = { key: "fused", label: "fused", kind: "fused", name: "fused score",
       meaning: `fusion of the ${doc.reranked ? "reranker" : "image"} ranking and the caption ranking`, value: (h) => h.score };
@@ -300,6 +306,15 @@ function scoreColumns(doc, byImage) {
   if (doc.reranked) return [rerank, image];
   return [{ ...image, value: (h) => h.score }];
 }
+
+// "Hide near-duplicates": how many copies the hits shown stand for (each kept hit counts its own).
+function collapsedText(hits, body) {
+  if (!body.collapse_duplicates) return "";
+  const n = hits.reduce((sum, h) => sum + (h.near_duplicates || 0), 0);
+  return n ? ` · ${nearDuplicates(n)} hidden` : " · no near-duplicates among them";
+}
+
+function nearDuplicates(n) { return `${n} near-duplicate${n === 1 ? "" : "s"}`; }
 
 function pill(text, kind, title) {
   const s = document.createElement("span");
@@ -383,6 +398,8 @@ async function openDetail(hit, doc) {
   showPlayer(hit, d);
   // the player shows the moment already: the frame on the canvas below only earns its place with a heatmap
   $("detail").classList.toggle("frame-only", isMoment(hit) && !(state.info.explain && query));
+  // no attention to show (no reranker that can explain, or an image query): no head picker, opacity or legend either
+  $("detail").classList.toggle("no-attention", !(state.info.explain && query));
   const dl = $("detail-scores");
   dl.textContent = "";
   const cols = scoreColumns(doc, !query);
@@ -391,6 +408,7 @@ async function openDetail(hit, doc) {
   if (!doc.reranked) rows.push(["Reranker score", "– (not reranked)"]);
   if (isMoment(hit)) rows.push(["Moment", `${momentText(hit)} (${hit.start.toFixed(2)}–${hit.end.toFixed(2)} s; frame shown at ${fmt(hit.frame)} s)`]);
   if (hit.caption) rows.push(["Caption", hit.caption]);
+  if (hit.near_duplicates) rows.push(["Near-duplicates", `${hit.near_duplicates} hidden (copies of this photo among the candidates)`]);
   rows.push(...fileMetaRows(hit.metadata || {}));
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;

@@ -29,7 +29,7 @@ import numpy as np
 
 from ...decode import DEFAULT_MAX_PIXELS
 from ...digest import check_tensor_checkpoint, file_digest
-from ...devices import resolve_device
+from ...devices import autocast, autocast_dtype, check_device, check_precision, resolve_device
 from ...errors import ConfigError, ModelLoadError
 from ...registry import register
 from ..base import Encoder
@@ -55,12 +55,50 @@ class OpenClipConfig:
     cache_dir: str | None = None  # where downloaded weights go (open_clip's default when unset)
     seed: int = 0  # makes random-init weights reproducible across processes
 
+    def __post_init__(self) -> None:
+        check_device(self.device, where="encoder device")
+        check_precision(self.precision)
+
 
 @register("encoder", "open_clip")
 class OpenClipEncoder(Encoder):
     """An open_clip model as an encoder stage."""
 
     Config = OpenClipConfig
+    _autocast_dtype: Any = None  # set by warm_up: the dtype forwards run in (None: fp32)
+
+    # ---- run-time settings (the contract's, from this config) --------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers
+
+    @property
+    def index_threads(self) -> int:
+        return self.config.index_threads
+
+    @property
+    def max_pixels(self) -> int:
+        return self.config.max_pixels
+
+    @property
+    def image_size(self) -> int | None:
+        """The vision tower's input size (loads the model)."""
+        self.warm_up()
+        size = getattr(self.model.visual, "image_size", None)  # a timm or HF tower may not say
+        if isinstance(size, (tuple, list)):
+            size = size[0]
+        return int(size) if size else None
+
+    @property
+    def logit_scale(self) -> float | None:
+        """CLIP's learned temperature, ``exp(logit_scale)`` (loads the model)."""
+        self.warm_up()
+        scale = getattr(self.model, "logit_scale", None)  # an open_clip model may have none
+        return float(scale.detach().exp()) if scale is not None else None
 
     # ---- resolution (cheap, no weights loaded) -------------------------------------------
     @cached_property
@@ -194,7 +232,7 @@ class OpenClipEncoder(Encoder):
         self.model = model
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name, cache_dir=self.config.cache_dir) if name.startswith("hf-hub:") else open_clip.get_tokenizer(name)
-        self._autocast_dtype = self._pick_precision(torch)
+        self._autocast_dtype = autocast_dtype(self.device, self.config.precision)
         self._text_ln = _text_final_norm(model)
         self._trim_text = _trim_exact(model) and self._trim_agrees()
         with torch.inference_mode():
@@ -213,26 +251,10 @@ class OpenClipEncoder(Encoder):
         self.warm_up()
         return self._dim
 
-    def _pick_precision(self, torch):
-        p = self.config.precision
-        if p == "fp32" or (p == "auto" and self.device == "cpu"):
-            return None
-        if p in ("auto", "bf16"):
-            if self.device != "cpu" and torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return torch.float16 if self.device != "cpu" else torch.bfloat16
-        if p == "fp16":
-            return torch.float16
-        raise ConfigError(f"unknown precision {p!r}; use auto, fp32, bf16 or fp16")
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self._autocast_dtype)
+    def autocast(self) -> Any:
+        """The precision forwards run in (:func:`~mm_retrieval.devices.autocast_dtype` of the
+        config's ``precision``), as a context manager; none before :meth:`warm_up`."""
+        return autocast(self.device, self._autocast_dtype)
 
     # ---- encoding --------------------------------------------------------------------------
     @property
@@ -247,7 +269,7 @@ class OpenClipEncoder(Encoder):
 
         self.warm_up()
         visual = self.model.visual
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             pixels = pixels.to(self.device, non_blocking=True)
             if with_tokens:
                 if not hasattr(visual, "output_tokens"):
@@ -298,7 +320,7 @@ class OpenClipEncoder(Encoder):
             # hooking it keeps this exactly open_clip's own code path.
             hook = self._text_ln.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
         try:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.autocast():
                 emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
         finally:
             if hook is not None:
@@ -317,7 +339,7 @@ class OpenClipEncoder(Encoder):
         used = mask.any(0).nonzero()
         L = int(used.max()) + 1 if len(used) else ids.shape[1]
         short = ids[:, :L]
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             cast = model.transformer.get_cast_dtype()
             x = model.token_embedding(short).to(cast) + model.positional_embedding[:L].to(cast)
             x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))

@@ -122,6 +122,7 @@ class MilvusStore(Store):
     """A Milvus collection of items: id, vector, path, content hash, caption, metadata (JSON)."""
 
     Config = MilvusConfig
+    search_options = frozenset({"group_by_media", "min_score"})
 
     # ---- connection ------------------------------------------------------------------------
     def _warm_up(self) -> None:
@@ -191,6 +192,11 @@ class MilvusStore(Store):
     @property
     def metric(self) -> str:
         return self.config.metric.upper()
+
+    @property
+    def location(self) -> str:
+        """The ``uri``: a Milvus Lite file or a server's address."""
+        return self.config.uri
 
     @property
     def local_path(self) -> Path | None:
@@ -329,6 +335,15 @@ class MilvusStore(Store):
         self._forget()
         shutil.rmtree(self.cache_dir(), ignore_errors=True)
 
+    def describe(self) -> dict[str, Any]:
+        """The collection as Milvus describes it (``describe_collection``: fields, properties)."""
+        return self._call("describe_collection", self._milvus.describe_collection, self.name)
+
+    def refresh(self) -> None:
+        """Forget what this object knows about the collection (schema, loaded, index ready): rows
+        that landed another way (a bulk import) are then loaded and indexed before the next read."""
+        self._forget()
+
     def _forget(self) -> None:
         """Drop what this object cached about the collection (schema, loaded, index ready)."""
         self._fields = None
@@ -351,7 +366,7 @@ class MilvusStore(Store):
         if media and any(r.get("media_id") not in (None, r["id"]) for r in rows):
             self.record_video_fact(True)  # before the segments land: the fact is never false while they exist
         for chunk in batched(rows, self.config.insert_batch):
-            self._call("upsert", self._milvus.upsert, self.name, [_clean_row(r, media) for r in chunk])
+            self._call("upsert", self._milvus.upsert, self.name, [clean_row(r, media) for r in chunk])
 
     def delete(self, ids: Iterable[str]) -> None:
         """Remove the rows with these ids, in batches; unknown ids are ignored."""
@@ -680,7 +695,10 @@ def _hit(r: dict[str, Any], score: float, i: int) -> Hit:
     return hit
 
 
-def _clean_row(r: dict[str, Any], media: bool = True) -> dict[str, Any]:
+def clean_row(r: dict[str, Any], media: bool = True) -> dict[str, Any]:
+    """A row as :meth:`MilvusStore.upsert` takes it -> the values sent to Milvus (defaults filled
+    in, the caption capped, a zero text vector for an item without text; with ``media`` the media
+    fields); the bulk import writes the same values into its files."""
     vector = np.asarray(r["vector"], dtype=np.float32)
     text_vector = r.get("text_vector")
     fields = {}

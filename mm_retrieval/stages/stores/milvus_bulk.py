@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,9 @@ import numpy as np
 
 from ...errors import InputError, MissingDependencyError, StoreError
 from ...progress import progress_bar
-from .milvus import MilvusStore, _clean_row
+from ...types import Hit
+from ..base import Store
+from .milvus import MilvusStore, clean_row
 
 log = logging.getLogger(__name__)
 
@@ -196,25 +198,34 @@ def check_target(store: Any) -> None:
         )
 
 
-def collection_schema(store: Any) -> Any:
+def collection_schema(store: MilvusStore) -> Any:
     """The collection's ``CollectionSchema`` as Milvus describes it: what BulkWriter writes files for."""
     from pymilvus import CollectionSchema
 
-    desc = store._call("describe_collection", store._milvus.describe_collection, store.name)
-    return CollectionSchema.construct_from_dict(desc)
+    return CollectionSchema.construct_from_dict(store.describe())
 
 
-class BulkImportStore:
+class BulkImportStore(Store):
     """The store an index run writes through for a bulk import: ``upsert`` appends the rows to
     pymilvus' BulkWriter (Parquet files in the collection's schema), ``flush`` (the end of the
     run) closes the last file and imports them all (or, with ``local_dir``, stops there);
     everything else (reads, creating the collection, the token-cache folder) is the wrapped
-    MilvusStore's."""
+    MilvusStore's.
 
-    def __init__(self, store: Any, bulk: BulkImport, *, progress: bool | None = None):
+    A bulk import is a first load: once its import has completed (the first ``flush`` that
+    imported), the collection holds rows and later writes are the wrapped store's upserts, which
+    replace rows with the same id as an import would not. Rows are searchable once imported: a
+    run's rows at its end, as the module docstring says. With ``local_dir`` nothing is imported,
+    so nothing written reaches the collection."""
+
+    stage_kind, stage_name = "store", "milvus_bulk"
+
+    def __init__(self, store: MilvusStore, bulk: BulkImport, *, progress: bool | None = None):
+        super().__init__()
         self._bw = require_bulk_writer()  # the extra first: nothing else is worth checking without it
         check_target(store)
         self._store = store
+        self._loaded = False  # the import completed: later writes are plain upserts
         self._bulk = bulk
         self._progress = progress
         self._writer: Any = None
@@ -232,13 +243,96 @@ class BulkImportStore:
             self._minio, self._connect, probe = _minio(cfg, self._bw)
             self._preflight(probe)
 
-    def __getattr__(self, name: str) -> Any:  # reads and the collection's lifecycle: the wrapped store's
-        return getattr(self._store, name)
+    # ---- the collection, reads and search: the wrapped store's ----------------------------
+    search_options = MilvusStore.search_options
+
+    @property
+    def name(self) -> str:
+        return self._store.name
+
+    @property
+    def metric(self) -> str:
+        return self._store.metric
+
+    @property
+    def location(self) -> str | None:
+        return self._store.location
+
+    @property
+    def local_path(self) -> Path | None:
+        return self._store.local_path
+
+    def cache_dir(self) -> Path:
+        return self._store.cache_dir()
+
+    def exists(self) -> bool:
+        return self._store.exists()
+
+    def require(self) -> None:
+        self._store.require()
+
+    def encoder_info(self) -> dict[str, Any] | None:
+        return self._store.encoder_info()
+
+    def check_compatible(self, encoder_info: dict[str, Any]) -> None:
+        self._store.check_compatible(encoder_info)
+
+    def check_filter(self, filter: str) -> None:
+        self._store.check_filter(filter)
+
+    def ensure_collection(self, encoder_info: dict[str, Any]) -> None:
+        self._store.ensure_collection(encoder_info)
+
+    def drop(self) -> None:
+        self.close()  # files of rows that were not imported: they would go into no collection
+        self._store.drop()
+        self._loaded = False  # a new collection gets a first load again
+
+    def count(self) -> int:
+        return self._store.count()
+
+    def count_with_text(self) -> int:
+        return self._store.count_with_text()
+
+    def has_text_vectors(self) -> bool:
+        return self._store.has_text_vectors()
+
+    def has_media_fields(self) -> bool:
+        return self._store.has_media_fields()
+
+    def get(self, ids: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        return self._store.get(ids, fields)
+
+    def iter_rows(self, fields: Sequence[str] = ("id", "path"), filter: str = "") -> Iterator[dict[str, Any]]:
+        return self._store.iter_rows(fields, filter)
+
+    def query(self, filter: str, fields: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        return self._store.query(filter, fields, limit)
+
+    def search(self, vectors: np.ndarray, limit: int, filter: str = "", *, mode: str = "image",
+               group_by_media: bool = False, min_score: float | None = None) -> list[list[Hit]]:
+        return self._store.search(vectors, limit, filter, mode=mode, group_by_media=group_by_media, min_score=min_score)
+
+    def hybrid_search(self, vector: np.ndarray, limit: int, filter: str = "", *, ranker: str = "rrf",
+                      weights: tuple[float, float] = (0.5, 0.5), rrf_k: int = 60, images_only: bool = False,
+                      group_by_media: bool = False, min_score: float | None = None) -> list[Hit]:
+        return self._store.hybrid_search(vector, limit, filter, ranker=ranker, weights=weights, rrf_k=rrf_k,
+                                         images_only=images_only, group_by_media=group_by_media, min_score=min_score)
+
+    def neighbour_ids(self, vectors: np.ndarray, limit: int, filter: str = "") -> list[list[tuple[str, float]]]:
+        return self._store.neighbour_ids(vectors, limit, filter)
+
+    def record_video_fact(self, holds: bool) -> None:
+        self._store.record_video_fact(holds)
 
     # ---- writes ----------------------------------------------------------------------------
     def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append rows (as :meth:`MilvusStore.upsert` takes them) to the import files."""
+        """Append rows (as :meth:`MilvusStore.upsert` takes them) to the import files; after the
+        import, upsert them (see the class docstring)."""
         if not rows:
+            return
+        if self._loaded:
+            self._store.upsert(rows)
             return
         if self._writer is None:
             self._open()
@@ -250,7 +344,7 @@ class BulkImportStore:
         cfg, writer = self._bulk.config, self._writer
         t = time.perf_counter()
         for r in rows:
-            row = _clean_row(r, self._media)  # the values upsert would send (defaults, caption cap, ...)
+            row = clean_row(r, self._media)  # the values upsert would send (defaults, caption cap, ...)
             for name in self._vectors:  # as float32 arrays: BulkWriter checks a list element by element (4x slower)
                 row[name] = np.asarray(row[name], dtype=np.float32)
             for name, limit in self._varchar.items():  # Milvus counts bytes; BulkWriter's check counts characters
@@ -277,6 +371,9 @@ class BulkImportStore:
     def flush(self) -> None:
         """Close the last file; then (unless ``local_dir``) import them all, wait, and flush the collection."""
         bulk = self._bulk
+        if self._loaded:  # the import is done: later rows were upserted
+            self._store.flush()
+            return
         if self._writer is not None:
             t = time.perf_counter()
             self._commit()
@@ -298,9 +395,10 @@ class BulkImportStore:
         self._import()
         bulk.seconds["import"] = time.perf_counter() - t
         self._pending.clear()
+        self._loaded = True
         if not bulk.config.keep_files:
             self._remove_uploaded(bulk.files)
-        self._store._forget()  # imported segments: let the next read reload and wait for their index
+        self._store.refresh()  # imported segments: let the next read reload and wait for their index
         self._store.flush()
 
     def close(self) -> None:

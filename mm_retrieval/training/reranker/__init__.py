@@ -16,7 +16,11 @@ The recipe is ALBEF/BLIP's image-text matching with hard negatives from a frozen
    ``separate``, the head scores the candidates on its own (the first-stage score is left out) and
    the weight the first stage keeps at inference, ``retrieval_scale`` in ``retrieval_scale *
    cosine + head``, is fitted on val after each epoch. With ``residual`` the candidates are scored
-   exactly as at inference and the head learns corrections on top of the first stage.
+   exactly as at inference and the head learns corrections on top of the first stage. With
+   ``binding`` (:mod:`.negatives`, :mod:`.binding`), each caption's twins are always among its
+   images, and a text-side term ranks its image's own caption above twin and rewritten captions;
+   the loss is the mean of the two terms. Not the default: it has not beaten the first stage yet
+   (benchmarks/RESULTS.md, issue #25).
 5. **Model selection** (:mod:`.loop`). Epoch 0 (the zero head, which ranks exactly like the first
    stage) is the baseline; after each epoch val is reranked and the best state by val R@1 (ties:
    MRR) is kept; training stops after ``patience`` epochs without improvement. If nothing beats

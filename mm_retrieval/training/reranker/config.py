@@ -51,6 +51,10 @@ class RerankerTrainConfig:
     # a residual head gets almost no signal where the first stage has memorised its training
     # captions. ``residual``: the head learns corrections on top of the first stage's scores.
     objective: str = "separate"
+    # Negatives that need binding (.negatives): each caption's twins (same words, other binding:
+    # word permutations, contrast-group mates) always among its images, and on the text side its
+    # image against its twins' captions and captions rewritten by swapping attributes/objects.
+    binding: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split_by", tuple(self.split_by))

@@ -52,6 +52,8 @@ def read_rows(table: Path, split_by: Sequence[str] = ("group",)) -> pd.DataFrame
     rows["path"] = [str(resolve_path(table, p)) for p in rows["path"]]
     rows["caption"] = captions[keep].astype(str)
     rows["unit"] = split_units(df.loc[keep], rows["path"], split_by, table)
+    if "group" in df.columns:  # contrast groups: their rows are each other's twins (.binding)
+        rows["group"] = df.loc[keep, "group"]
     return rows.drop_duplicates(["path", "caption"]).reset_index(drop=True)
 
 
@@ -100,6 +102,15 @@ class Features:
     row_image: torch.Tensor  # [R] long: image id of each usable row
     row_caption: torch.Tensor  # [R] long: caption id of each usable row
     row_unit: list[str]  # [R] split unit (group or image) of each row
+    # Binding negatives (:mod:`.binding`), when enabled: the encoder's preprocessed pixels of each
+    # image (for a reranker with its own image side), each caption's twins (caption ids) and its
+    # rewritten captions (caption ids appended after the table's captions).
+    row_group: list | None = None  # [R] the table's ``group`` value of each row, if it has one
+    image_paths: list[str] | None = None  # [I] each image's file
+    captions: list[str] | None = None  # [C] each caption's text
+    pixels: torch.Tensor | None = None  # [I, 3, S, S] float16
+    caption_twins: list[list[int]] | None = None
+    caption_rewrites: list[list[int]] | None = None
 
 
 def encode(encoder: OpenClipEncoder, rows: pd.DataFrame, progress: bool) -> Features:
@@ -134,6 +145,9 @@ def encode(encoder: OpenClipEncoder, rows: pd.DataFrame, progress: bool) -> Feat
         row_image=row_image,
         row_caption=row_caption,
         row_unit=list(rows["unit"]),
+        row_group=list(rows["group"]) if "group" in rows.columns else None,
+        image_paths=[paths[i] for i in order],
+        captions=captions,
     )
 
 
@@ -142,25 +156,23 @@ def _encode_images(encoder: OpenClipEncoder, paths: list[str], progress: bool):
     import torch
     from tqdm.auto import tqdm
 
-    from mm_retrieval.stages.base import encode_files
+    from mm_retrieval.encoding import ImageEncoding, encode_files
 
     embs: dict[int, torch.Tensor] = {}
     tokens: dict[int, torch.Tensor] = {}
     failed = 0
     with tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress,
               file=sys.stderr, leave=False) as bar:
-        for items, emb, tok in encode_files(encoder, paths, with_tokens=True):
-            j = 0
-            for item in items:
+        for batch in encode_files(ImageEncoding(encoder, tokens=True), paths):
+            for item, emb, tok in batch:
                 if item.decoded:
-                    embs[item.pos] = torch.from_numpy(emb[j]).float()
-                    tokens[item.pos] = torch.from_numpy(tok[j]).half()
-                    j += 1
+                    embs[item.pos] = torch.from_numpy(emb).float()
+                    tokens[item.pos] = torch.from_numpy(tok).half()
                 elif item.error:
                     failed += 1
                     if failed <= 5:
                         logger.warning("train-reranker: skipping %s: %s", item.path, item.error)
-            bar.update(len(items))
+            bar.update(len(batch))
     if failed > 5:
         logger.warning("train-reranker: skipped %d unreadable images in all", failed)
     return embs, tokens
@@ -192,15 +204,20 @@ def model_config(encoder: OpenClipEncoder, feats: Features, overrides: dict[str,
     # A learned position per patch: relations ("left of") need where a patch is, which deep ViT
     # tokens keep only faintly. ``num_patches=0`` in the overrides turns it off.
     overrides.setdefault("num_patches", int(feats.image_tokens.shape[1]))
+    if overrides.get("local_channels"):  # a local image side reads the encoder's input pixels
+        size = encoder.image_size
+        if size is None:
+            raise ConfigError(f"local_channels needs an encoder with a fixed input size; {encoder.label} does not say its own")
+        overrides.setdefault("image_size", size)
     for key, value in dims.items():
         if key in overrides and overrides[key] != value:
             raise ConfigError(
                 f"reranker_config {key}={overrides[key]!r} does not match the encoder's token width "
                 f"{value}; leave it out, it is taken from the encoder"
             )
-    scale = getattr(getattr(encoder, "model", None), "logit_scale", None)
+    scale = encoder.logit_scale
     # The first stage's own softmax temperature: scale * cosine are CLIP's logits. The residual
     # objective's listwise loss therefore starts calibrated; the separate one fits the weight on
     # val, on a grid centred here.
-    base = {**dims, "retrieval_scale_init": float(scale.detach().exp()) if scale is not None else 100.0}
+    base = {**dims, "retrieval_scale_init": scale if scale is not None else 100.0}
     return RerankerConfig.from_dict({**base, **overrides})  # ConfigError lists the valid keys

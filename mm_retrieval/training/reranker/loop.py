@@ -39,7 +39,7 @@ from mm_retrieval.training.reranker.split import recall
 if TYPE_CHECKING:
     import torch
 
-    from mm_retrieval.stages.rerankers.cross_attention.model import Reranker, RerankerConfig
+    from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
     from mm_retrieval.training.reranker.config import RerankerTrainConfig
     from mm_retrieval.training.reranker.data import Features
     from mm_retrieval.training.reranker.split import Split
@@ -50,6 +50,23 @@ EVAL_DEPTH = 100  # val: rerank the first stage's top 100, the usual inference d
 WARMUP_STEPS = 50  # linear warm-up, capped at one epoch; then the learning rate is constant
 GRAD_CLIP = 1.0
 EVAL_PAIRS = 4096  # (caption, image) pairs scored per forward at validation
+TEXT_NEGATIVES = 7  # binding: captions scored against each positive image besides its own
+
+
+def _twin_images(split: Split, feats: Features) -> list[list[int]]:
+    """Per caption of ``split``: gallery indices of its twins' images (never a relevant one)."""
+    import torch
+
+    local = {int(c): i for i, c in enumerate(split.queries.tolist())}
+    images: dict[int, list[int]] = {}
+    for qi, img in zip(split.row_query.tolist(), split.row_image.tolist()):
+        images.setdefault(qi, []).append(img)
+    out = []
+    for qi, gc in enumerate(split.queries.tolist()):
+        rel = set(torch.nonzero(split.relevant[qi]).flatten().tolist())
+        found = [im for t in feats.caption_twins[gc] if t in local for im in images.get(local[t], [])]
+        out.append([im for im in dict.fromkeys(found) if im not in rel])
+    return out
 
 
 class TrainLoop:
@@ -59,12 +76,12 @@ class TrainLoop:
                  val: Split, n_neg: int, device: torch.device, recipe: RerankerTrainConfig):
         import torch
 
-        from mm_retrieval.stages.rerankers.cross_attention.model import Reranker
+        from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer
 
         self.cfg, self.feats, self.train, self.train_pool, self.val = model_cfg, feats, train, train_pool, val
         self.n_neg, self.device = n_neg, device
         self.batch_size, self.lr, self.objective = recipe.batch_size, recipe.lr, recipe.objective
-        self.model = Reranker(model_cfg).to(device)
+        self.model = CrossAttentionScorer(model_cfg).to(device)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -80,6 +97,13 @@ class TrainLoop:
         self.depth = min(EVAL_DEPTH, len(val.images))
         self.first_stage_metrics = recall(self.val_order, val.relevant)
 
+        # Binding negatives (:mod:`.binding`): twins always in a caption's image set, rewritten and
+        # twin captions against each image on the text side.
+        self.binding = bool(getattr(recipe, "binding", False)) and feats.caption_twins is not None
+        self.val_twins = _twin_images(val, feats) if feats.caption_twins is not None else None
+        if self.binding:
+            self._setup_binding()
+
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -88,6 +112,31 @@ class TrainLoop:
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] = {}
         self.bad_epochs = 0
+
+    def _setup_binding(self) -> None:
+        """Per training caption: its twins' images (padded with -1) and a hard pool without them,
+        and the captions its image is scored against on the text side (twins' first)."""
+        import torch
+
+        train, feats = self.train, self.feats
+        twins = _twin_images(train, feats)
+        T = min(self.n_neg, max((len(t) for t in twins), default=0))
+        self.twin_img = torch.full((len(twins), max(T, 1)), -1, dtype=torch.long)
+        is_twin = torch.zeros_like(train.relevant)
+        for qi, t in enumerate(twins):
+            if t:
+                is_twin[qi, t] = True
+                self.twin_img[qi, : min(T, len(t))] = torch.tensor(t[:T])
+        masked = train.sims.masked_fill(train.relevant | is_twin, float("-inf"))
+        self.train_pool = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, : self.train_pool.shape[1]]
+        rows = []
+        for gc in train.queries.tolist():
+            ids = list(dict.fromkeys(feats.caption_twins[gc] + feats.caption_rewrites[gc]))
+            rows.append([i for i in ids if i != gc][:TEXT_NEGATIVES])
+        self.text_cands = torch.full((len(rows), TEXT_NEGATIVES), -1, dtype=torch.long)
+        for qi, ids in enumerate(rows):
+            if ids:
+                self.text_cands[qi, : len(ids)] = torch.tensor(ids)
 
     # -- model selection ----------------------------------------------------------------------
 
@@ -106,10 +155,10 @@ class TrainLoop:
         else:
             self.bad_epochs += 1
 
-    def best_model(self) -> Reranker:
-        from mm_retrieval.stages.rerankers.cross_attention.model import Reranker
+    def best_model(self) -> CrossAttentionScorer:
+        from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer
 
-        model = Reranker(self.cfg)
+        model = CrossAttentionScorer(self.cfg)
         model.load_state_dict(self.best_state)
         return model.eval()
 
@@ -127,7 +176,7 @@ class TrainLoop:
         first = val.sims.gather(1, top)  # [q, K] first-stage cosines
         with torch.no_grad():
             used = top.unique()  # only the candidates' images need a memory
-            memory = model.image_memory(feats.image_tokens[val.images[used]].to(self.device).float())
+            memory = self._memory(val.images[used])
             slot = torch.full((len(val.images),), -1, dtype=torch.long)
             slot[used] = torch.arange(memory.shape[0])
             per = max(1, EVAL_PAIRS // K)
@@ -146,7 +195,44 @@ class TrainLoop:
             if fit_scale and self.objective == "separate":
                 self._fit_scale(first, head, top)
             scale = float(model.retrieval_scale)
-        return self._rank(scale * first + head, top)
+            metrics = self._rank(scale * first + head, top)
+            if self.val_twins is not None:
+                metrics["contrast"] = self._contrast(scale)
+        return metrics
+
+    def _memory(self, images: torch.Tensor) -> torch.Tensor:
+        """Image memory of global image ids ``images`` (with their pixels for a local image side)."""
+        feats, dev = self.feats, self.device
+        pixels = None
+        if self.model.needs_pixels:
+            pixels = feats.pixels[images].to(dev).float()
+        return self.model.image_memory(feats.image_tokens[images].to(dev).float(), pixels)
+
+    def _contrast(self, scale: float) -> float:
+        """Val binding in isolation: the share of captions with twins whose own image the model
+        (``scale`` * first stage + head) puts above every twin's image (chance 1 / (1 + twins))."""
+        import torch
+
+        val, feats = self.val, self.feats
+        qs = [qi for qi, t in enumerate(self.val_twins) if t]
+        if not qs:
+            return float("nan")
+        own = val.relevant.to(torch.uint8).argmax(1)
+        right = 0
+        for s in range(0, len(qs), 256):
+            chunk = qs[s : s + 256]
+            cands = [[int(own[qi])] + self.val_twins[qi] for qi in chunk]
+            width = max(map(len, cands))
+            idx = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands])  # pad with the own image
+            q = torch.tensor(chunk).repeat_interleave(width)
+            caps = val.queries[q]
+            mem = self._memory(val.images[idx.reshape(-1)])
+            first = val.sims[q, idx.reshape(-1)]
+            logits = self.model(feats.text_tokens[caps].to(self.device), feats.text_mask[caps].to(self.device),
+                                mem, torch.zeros(len(q)), pairs=True, chunk_size=1024).cpu()
+            logits = (logits + scale * first).view(len(chunk), width)
+            right += int((logits.argmax(1) == 0).sum())  # ties and padding keep the own image first
+        return right / len(qs)
 
     def _rank(self, logits: torch.Tensor, top: torch.Tensor) -> dict[str, float]:
         import torch
@@ -196,8 +282,10 @@ class TrainLoop:
                 self._postfix(bar, loss)
                 logger.info(
                     "train-reranker: epoch %d loss %.4f val R@1 %.3f (first stage %.3f, best %.3f "
-                    "at epoch %d)", self.epoch, loss, metrics["R@1"],
+                    "at epoch %d)%s", self.epoch, loss, metrics["R@1"],
                     self.first_stage_metrics["R@1"], self.best_key[0], self.best_epoch,
+                    f"; val contrast {metrics['contrast']:.3f} (epoch 0: {self.history[0]['contrast']:.3f})"
+                    if "contrast" in metrics else "",
                 )
                 save_state()
                 if self.bad_epochs >= patience:
@@ -239,20 +327,48 @@ class TrainLoop:
         q, pos = train.row_query[rows], train.row_image[rows]  # [B]
         pool = self.train_pool[q]  # [B, pool]
         pick = torch.rand(pool.shape, generator=self.generator).argsort(1)[:, : self.n_neg]
-        cands = torch.cat([pos[:, None], pool.gather(1, pick)], 1)  # [B, 1 + n_neg], positive first
+        negs = pool.gather(1, pick)  # [B, n_neg]
+        if self.binding:  # twins always in the set (the pool then holds no twin: no duplicates)
+            tw = self.twin_img[q][:, : self.n_neg]
+            negs[:, : tw.shape[1]] = torch.where(tw >= 0, tw, negs[:, : tw.shape[1]])
+        cands = torch.cat([pos[:, None], negs], 1)  # [B, 1 + n_neg], positive first
         B, C = cands.shape
         score = train.sims[q[:, None], cands].reshape(-1)  # the first stage's cosine of each pair
         if self.objective == "separate":  # the head learns to rank on its own (see the module doc)
             score = torch.zeros_like(score)
         # Memory inside the graph so gradients reach image_in. Computed per pair rather than per
         # distinct image: sharing it would make backward a scatter-add, which is not deterministic.
-        memory = self.model.image_memory(feats.image_tokens[train.images[cands].reshape(-1)].to(dev).float())
+        memory = self._memory(train.images[cands].reshape(-1))
         caps = train.queries[q].repeat_interleave(C)
         logits = self.model(
             feats.text_tokens[caps].to(dev), feats.text_mask[caps].to(dev),
             memory, score, pairs=True, chunk_size=B * C,
         ).view(B, C)
-        return F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device))
+        loss = F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device))
+        if not self.binding:
+            return loss
+        # Text side: the positive image against its caption, its twins' captions and rewrites.
+        tc = self.text_cands[q]  # [B, K] global caption ids, -1 = none
+        has = (tc >= 0).any(1)
+        if not bool(has.any()):
+            return loss
+        K = tc.shape[1] + 1
+        tcaps = torch.cat([train.queries[q][:, None], tc.clamp(min=0)], 1)  # [B, K], own caption first
+        P, M = memory.shape[1:]
+        tmem = memory.view(B, C, P, M)[:, 0:1].expand(B, K, P, M).reshape(B * K, P, M)
+        if self.objective == "separate":
+            tscore = torch.zeros(B * K)
+        else:
+            img = train.images[pos]
+            tscore = (feats.text_emb[tcaps] @ feats.image_emb[img][:, :, None]).reshape(-1)
+        tlogits = self.model(
+            feats.text_tokens[tcaps.reshape(-1)].to(dev), feats.text_mask[tcaps.reshape(-1)].to(dev),
+            tmem, tscore, pairs=True, chunk_size=B * K,
+        ).view(B, K)
+        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool), tc >= 0], 1).to(tlogits.device)
+        tlogits = tlogits.masked_fill(~valid, float("-inf"))[has]
+        tloss = F.cross_entropy(tlogits, torch.zeros(len(tlogits), dtype=torch.long, device=tlogits.device))
+        return (loss + tloss) / 2
 
     # -- resumable state ----------------------------------------------------------------------
 

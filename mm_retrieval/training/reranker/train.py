@@ -71,6 +71,7 @@ def train_reranker(
     encoder: OpenClipEncoder | None = None,
     split_by: Sequence[str] = DEFAULTS.split_by,
     objective: str = DEFAULTS.objective,
+    binding: bool = DEFAULTS.binding,
 ) -> RerankerTrainResult:
     """Train a cross-attention reranker on ``table`` over a frozen dual encoder; write it to ``out_dir``.
 
@@ -133,7 +134,7 @@ def train_reranker(
     recipe = RerankerTrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, negatives=negatives,
         hard_pool=hard_pool, val_fraction=val_fraction, patience=patience, seed=seed,
-        split_by=tuple(split_by), objective=objective,
+        split_by=tuple(split_by), objective=objective, binding=binding,
     )  # ConfigError before any work
     table = Path(table).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
@@ -152,6 +153,7 @@ def train_reranker(
         "n_rows": len(rows),
         "split_by": list(recipe.split_by),
         "objective": recipe.objective,
+        "binding": recipe.binding,
     }
     state_path = out_dir / STATE_FILE
     state = None
@@ -162,8 +164,17 @@ def train_reranker(
     run_device = torch.device(resolve_device(device))
 
     feats = data.encode(encoder, rows, progress)
+    binding_stats = None
+    if recipe.binding:
+        from mm_retrieval.training.reranker.binding import add_binding_negatives
+
+        binding_stats = add_binding_negatives(feats, encoder, feats.captions)
     train, val = split.split(feats, recipe.val_fraction, recipe.seed)
     model_cfg = data.model_config(encoder, feats, reranker_config)
+    if model_cfg.local_channels:
+        from mm_retrieval.training.reranker.binding import load_pixels
+
+        feats.pixels = load_pixels(encoder, feats.image_paths)
     n_neg, pool = split.negative_counts(train, recipe.negatives, recipe.hard_pool)
     train_pool = split.hard_pools(train, pool)
     logger.info(
@@ -214,6 +225,7 @@ def train_reranker(
         "n_val": len(val.row_query),
         "split_by": list(recipe.split_by),
         "objective": recipe.objective,
+        "binding": binding_stats,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker

@@ -24,7 +24,7 @@ self-attention still come from every query token); a single query row always fol
 are returned, equal in both paths.
 
 Both paths equal transformers' ``BlipForImageTextRetrieval(..., use_itm_head=True)`` within float
-rounding (checked in fp32 at 1e-5 by tests/integration/test_blip_fold.py).
+rounding (checked in fp32 at 1e-5 by tests/integration/reranking/test_blip_fold.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ every layer; both ways give transformers' logits (fp32 parity is tested).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -33,17 +32,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ....devices import autocast, autocast_dtype, check_device, check_precision, resolve_device
 from ....errors import ConfigError, IncompatibleError, InputError
 from ....registry import register
 from ....tokencache import TokenCache, TokenWriter, cache_path, caches_in
 from ....types import AttentionMaps, Hit
 from ...base import Reranker
 from . import storage as store_codec
-from .load import DEFAULT_CHECKPOINT, checkpoint_digest, load_blip, read_config, require_transformers, resolve_checkpoint
+from .load import DEFAULT_CHECKPOINT, checkpoint_digest, load_blip, looks_like_blip, read_config, require_transformers, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_LAZY_INIT = threading.RLock()  # image_side() may warm the stage up, which must not deadlock
 _MAX_KEPT_BYTES = 1 << 30  # larger candidate lists read into a fresh (pageable) buffer
 FIRST_TOKENS = ("cls", "enc")
 CROSS_ATTENTION = ("auto", "folded", "standard")
@@ -62,7 +62,7 @@ class BlipItmConfig:
     image_size: int = 0  # input pixels per side; 0: the checkpoint's (384 for the hub models); e.g. 224
     itc_weight: float = 1.0  # score = ITM match logit + itc_weight * first-stage cosine (BLIP's eval: 1)
     first_token: str = "cls"  # cls: transformers' BlipProcessor input | enc: BLIP's original [ENC]
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU
     chunk_size: int = 128  # candidates per text-encoder forward
     cross_attention: str = "auto"  # auto (folded up to fold_max_tokens query tokens, standard above) | folded | standard
@@ -73,8 +73,8 @@ class BlipItmConfig:
         store_codec.check_storage(self.storage)
         if self.first_token not in FIRST_TOKENS:
             raise ConfigError(f"unknown first_token {self.first_token!r}; use one of {', '.join(FIRST_TOKENS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_device(self.device, where="reranker device")
+        check_precision(self.precision)
         if self.image_size < 0:
             raise ConfigError(f"image_size must be 0 (the checkpoint's) or a positive number of pixels, got {self.image_size}")
         if self.chunk_size < 1:
@@ -111,6 +111,14 @@ class BlipItmReranker(Reranker):
     Config = BlipItmConfig
     needs_text_features: ClassVar[bool] = False  # BLIP has its own text side (query.memo)
     can_explain: ClassVar[bool] = True
+    references: ClassVar[str] = ("a BLIP image-text retrieval model: a hub name such as Salesforce/blip-itm-base-coco, "
+                                 "or a directory saved from one (it holds config.json)")
+
+    @classmethod
+    def accepts(cls, ref: str) -> bool:
+        """A hub id (``org/name``, not a local path) or a transformers checkpoint directory (see
+        :func:`~.load.looks_like_blip`)."""
+        return looks_like_blip(ref)
 
     # ---- identity (no model loaded) --------------------------------------------------------
     @cached_property
@@ -147,9 +155,6 @@ class BlipItmReranker(Reranker):
 
     # ---- loading ---------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        import torch
-
-        from ....devices import resolve_device
         from .image import BlipImageSide, BlipImageTransform
         from .itm import BlipItmTextSide, break_even_tokens
 
@@ -162,10 +167,7 @@ class BlipItmReranker(Reranker):
         if (int(vc.image_size), int(vc.patch_size), int(vc.hidden_size)) != (g["native_size"], g["patch_size"], g["width"]):
             raise IncompatibleError(f"{self.config.checkpoint}: the loaded vision config does not match its config.json")
         self._transform = BlipImageTransform.from_processor(loaded.image_processor, g["image_size"])
-        self._dtype = None
-        if self.device != "cpu" and self.config.precision != "fp32":
-            bf16 = self.config.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-            self._dtype = torch.bfloat16 if bf16 else torch.float16
+        self._dtype = autocast_dtype(self.device, self.config.precision)
         self._image_side = BlipImageSide(self.model, self._transform, native_size=g["native_size"], device=self.device, autocast=self._autocast)
         self._text = BlipItmTextSide(self.model)
         self.fold_max_tokens = self.config.fold_max_tokens or max(
@@ -179,11 +181,7 @@ class BlipItmReranker(Reranker):
         self._buffers = threading.local()
 
     def _autocast(self):
-        import torch
-
-        if self._dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self._dtype)
+        return autocast(self.device, self._dtype)
 
     # ---- index time ------------------------------------------------------------------------
     def image_side(self):
@@ -233,19 +231,83 @@ class BlipItmReranker(Reranker):
     def cached_tokens(self, ids: Sequence[str]) -> np.ndarray:
         """[len(ids), *stored shape] fp16 arrays from the token cache; InputError naming the fix
         when any is missing (or IncompatibleError when the cache is another checkpoint's)."""
-        return self._read(ids, np.empty((len(ids), *self._stored_shape), dtype=np.float16))
+        out = np.empty((len(ids), *self._stored_shape), dtype=np.float16)
+        self._read(ids, out)
+        return out
 
-    def _read(self, ids: Sequence[str], out: np.ndarray) -> np.ndarray:
-        """Fill ``out`` [len(ids), *stored shape] with the cached arrays of ``ids``."""
+    def _read(self, ids: Sequence[str], out: np.ndarray, hits: Sequence[Hit] | None = None, keep: Sequence[str] = ()) -> dict[int, str]:
+        """Fill ``out`` [len(ids), *stored shape] with the cached arrays of ``ids``. In a cache
+        filled lazily (``mmr index --tokens lazy``) the missing ones are computed from ``hits``'
+        files in one batch and stored (a budget evicts none of ``ids`` and ``keep``); returns
+        {row: why} for those that could not be (their rows are zeros). Else a missing one is an
+        InputError naming the fix."""
+        cache = self._open_cache()
+        if cache is None:
+            raise self._missing(list(ids), len(ids))
+        _, present = cache.gather(ids, out=out)  # straight into ``out``: one copy of ~90 MB, not two
+        if present.all():
+            return {}
+        missing = [k for k, ok in enumerate(present) if not ok]
+        if hits is None or cache.fill != "lazy":
+            raise self._missing([ids[k] for k in missing], len(ids))
+        with self.lazy.lock:  # one fill at a time: another query may have just filled these
+            _, again = cache.gather([ids[k] for k in missing], out=(part := np.empty((len(missing), *out.shape[1:]), out.dtype)))
+            for j, k in enumerate(missing):
+                if again[j]:
+                    out[k] = part[j]
+            missing = [k for j, k in enumerate(missing) if not again[j]]
+            done, failed = self.lazy.fill(cache, [hits[k] for k in missing], keep=[*ids, *keep])
+        unscored = {}
+        for k in missing:
+            if ids[k] in done:
+                out[k] = done[ids[k]]
+            else:
+                out[k] = 0
+                unscored[k] = failed.get(ids[k], "its tokens could not be computed")
+        return unscored
+
+    def _open_cache(self) -> TokenCache | None:
         self.warm_up()
+        if self._cache is not None and self._cache.replaced():
+            self._cache.close()
+            self._cache = None
         if self._cache is None:
             if not self.cache_path.exists():
-                raise self._missing(list(ids), len(ids))
+                return None
             self._cache = TokenCache(self.cache_path, self.fingerprint, create=False)
-        _, present = self._cache.gather(ids, out=out)  # straight into ``out``: one copy of ~90 MB, not two
-        if not present.all():
-            raise self._missing([i for i, ok in zip(ids, present) if not ok], len(ids))
-        return out
+        return self._cache
+
+    @property
+    def lazy(self):
+        """What computes missing tokens at query time in a lazily filled cache (:mod:`mm_retrieval.tokencache.lazy`):
+        one per stage, made on first use (by whichever thread comes first: a server's worker or its device thread)."""
+        from ....tokencache.lazy import LazyFill
+
+        with _LAZY_INIT:
+            if self.__dict__.get("_lazy") is None:
+                self._lazy = LazyFill(self.image_side(), lambda tokens: store_codec.encode(tokens, self.config.storage),
+                                      batch_size=min(16, self.config.chunk_size))
+            return self._lazy
+
+    def tokens_to_fill(self, hits: Sequence[Hit]) -> list[Hit]:
+        """The hits a rerank would compute tokens for now (a lazily filled cache's uncached
+        candidates whose files were not just found unreadable); reads the map only."""
+        cache = self._open_cache()
+        if cache is None or cache.fill != "lazy" or not hits:
+            return []
+        have = cache.contains([h.id for h in hits])
+        return [h for h, ok in zip(hits, have) if not ok and self.lazy.reason(h.id) is None]
+
+    def fill_tokens(self, hits: Sequence[Hit], *, keep: Sequence[str] = ()) -> None:
+        """Compute and store the tokens of ``hits`` now (e.g. on a server's worker thread, before
+        the scoring job, so that the device thread is not held up): as a rerank would."""
+        if hits:
+            self._read([h.id for h in hits], np.empty((len(hits), *self._stored_shape), np.float16), hits, keep)
+
+    def unscored_reason(self, item_id: str) -> str | None:
+        """Why a candidate was left unscored (its tokens could not be computed), or None."""
+        lazy = self.__dict__.get("_lazy")
+        return lazy.reason(item_id) if lazy is not None else None
 
     def _host_buffer(self, n: int):
         """A reused [>= n, *stored shape] fp16 host tensor (page-locked when scoring on CUDA, so
@@ -313,7 +375,7 @@ class BlipItmReranker(Reranker):
         hits = [h for _, hs in requests for h in hs]
         rows = np.repeat(np.arange(len(requests)), sizes)
         stored = self._host_buffer(len(hits))
-        self._read([h.id for h in hits], stored.numpy())
+        unscored = self._read([h.id for h in hits], stored.numpy(), hits)
         width, step = self.geometry["width"], self.config.chunk_size
         itm = np.concatenate([
             self._itm(*_padded([queries[r] for r in rows[s : s + step]]),
@@ -322,6 +384,7 @@ class BlipItmReranker(Reranker):
         ])
         retrieval = np.array([h.first_stage_image_score for h in hits], dtype=np.float64)
         scores = itm.astype(np.float64) + self.config.itc_weight * retrieval
+        scores[list(unscored)] = np.nan  # no tokens: the search keeps its first-stage score and marks it
         return np.split(scores, np.cumsum(sizes)[:-1])
 
     def cross_attention_path(self, query_tokens: int) -> str:

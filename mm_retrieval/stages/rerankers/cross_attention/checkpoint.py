@@ -1,4 +1,4 @@
-"""Save and load checkpoints of the cross-attention model (:class:`.model.Reranker`).
+"""Save and load checkpoints of the cross-attention model (:class:`.model.CrossAttentionScorer`).
 
 A checkpoint is a directory::
 
@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ....errors import ConfigError, IncompatibleError, InputError, ModelLoadError
-from .model import Reranker, RerankerConfig
+from .model import CrossAttentionScorer, RerankerConfig
 
 __all__ = ["RERANKER_FORMAT", "WEIGHTS_FILE", "META_FILE", "save_reranker", "load_reranker"]
 
@@ -47,7 +47,7 @@ def _write_atomic(target: Path, write: Callable[[str], None]) -> None:
 
 
 def save_reranker(
-    model: Reranker,
+    model: CrossAttentionScorer,
     out_dir: str | os.PathLike[str],
     *,
     encoder_fingerprint: str,
@@ -87,7 +87,7 @@ def load_reranker(
     *,
     expected_encoder_fingerprint: str | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[Reranker, dict[str, Any]]:
+) -> tuple[CrossAttentionScorer, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_reranker`; returns ``(model in eval mode, meta)``.
 
     ``path`` is the checkpoint directory or a file inside it (``reranker.json``). ``meta`` is the
@@ -167,7 +167,7 @@ def load_reranker(
             f"cannot read {str(weights_path)!r}: {e}; restore it or {_TRAIN_HINT}"
         ) from e
 
-    model = Reranker(config)
+    model = CrossAttentionScorer(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,16 +1,16 @@
 """The cross-attention reranker's torch model: rescores the first stage's (query, image) candidates.
 
-Read top to bottom: config -> attention helper -> layers -> :class:`Reranker`.
+Read top to bottom: config -> attention helper -> layers -> :class:`CrossAttentionScorer`.
 
 The model reads the CLIP towers' token outputs *before pooling*: text tokens are queries, image
 patch tokens are keys/values. It is split in two so images are never re-encoded at query time:
 
-* :meth:`Reranker.image_memory` -- depends on the image only. Run once per image at index time;
+* :meth:`CrossAttentionScorer.image_memory` -- depends on the image only. Run once per image at index time;
   downstream caches the result. Layout: one [P, memory_dim] row-major tensor per image (a LayerNorm
   output, so fp16 storage is safe): ``P * memory_dim * 2`` bytes in fp16, i.e. 49 * 128 * 2 =
   12,544 B (12.25 KiB) for ViT-B-32's 49 patch tokens with the default config. The per-layer K/V
   are projected from it at query time, so the cache size does not grow with depth or heads.
-* :meth:`Reranker.forward` (alias :meth:`Reranker.score`) -- query time: text tokens + cached memory
+* :meth:`CrossAttentionScorer.forward` (alias :meth:`CrossAttentionScorer.score`) -- query time: text tokens + cached memory
   + first-stage score -> one logit per (query, image).
 
 The score is residual: ``scale * retrieval_score + head(features)`` with the head's last layer
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ....errors import ConfigError, InputError
 
-__all__ = ["RerankerConfig", "Reranker"]
+__all__ = ["RerankerConfig", "CrossAttentionScorer"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ __all__ = ["RerankerConfig", "Reranker"]
 
 @dataclass
 class RerankerConfig:
-    """Hyper-parameters of :class:`Reranker`. Round-trips through :meth:`to_dict`/:meth:`from_dict`."""
+    """Hyper-parameters of :class:`CrossAttentionScorer`. Round-trips through :meth:`to_dict`/:meth:`from_dict`."""
 
     text_dim: int  # Dt: per-token width of the CLIP text tower (512 for ViT-B-32)
     image_dim: int  # Di: per-patch width of the vision tower before its projection (768 for ViT-B-32)
@@ -65,8 +65,22 @@ class RerankerConfig:
     # Patch tokens per image (P) for a learned per-patch position added to the memory; 0 = none.
     # Deep in a ViT, patch tokens keep little of where they are, and relations ("left of") need it.
     num_patches: int = 0
+    # A small convolutional image side owned by the reranker, over the encoder's preprocessed pixels
+    # (``image_size`` square): its features are added to each patch's memory. 0 = none. Why: per-patch
+    # ViT tokens carry an object's colour but not its shape (an 8 px patch of a 20 px object shows a
+    # flat colour; benchmarks/RESULTS.md, issue #25); the stem's receptive field spans whole objects.
+    local_channels: int = 0
+    image_size: int = 0  # input side of the local image side, in pixels (the encoder's)
 
     def __post_init__(self) -> None:
+        for name in ("local_channels", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"reranker config: {name} must be an integer >= 0, got {value!r}")
+        if self.local_channels and (not self.num_patches or not self.image_size):
+            raise ConfigError(
+                "reranker config: local_channels needs num_patches (a square patch grid) and image_size"
+            )
         if isinstance(self.num_patches, bool) or not isinstance(self.num_patches, int) or self.num_patches < 0:
             raise ConfigError(f"reranker config: num_patches must be an integer >= 0, got {self.num_patches!r}")
         for name in ("text_dim", "image_dim", "width", "depth", "heads", "kv_heads", "memory_dim"):
@@ -246,11 +260,41 @@ class Block(nn.Module):
         return x, att
 
 
+class LocalImageSide(nn.Module):
+    """Conv stem: pixels [N, 3, S, S] -> features [N, g*g, C] on the encoder's g x g patch grid.
+
+    Stride-2 3x3 convolutions down to about the grid, an average pool onto it exactly, then two
+    3x3 convolutions at the grid: each output sees the patch and its 8 neighbours' pixels (e.g.
+    47 px on 64 px images with 8 px patches), enough to tell a circle's outline from a square's.
+    """
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        g = math.isqrt(cfg.num_patches)
+        if g * g != cfg.num_patches:
+            raise ConfigError(f"local_channels needs a square patch grid, got num_patches={cfg.num_patches}")
+        self.grid, c = g, cfg.local_channels
+        layers: list[nn.Module] = []
+        size, width = cfg.image_size, 3
+        while size >= 4 * g:  # halve while at least twice the grid remains
+            out = max(16, c // 2) if size >= 8 * g else c
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GELU()]
+            size, width = (size + 1) // 2, out
+        self.down = nn.Sequential(*layers)
+        self.at_grid = nn.Sequential(
+            nn.Conv2d(width, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+        )
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = F.adaptive_avg_pool2d(self.down(pixels), self.grid)
+        return self.at_grid(x).flatten(2).transpose(1, 2)  # [N, g*g, C], row-major like ViT patches
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 
 
-class Reranker(nn.Module):
+class CrossAttentionScorer(nn.Module):
     """Cross-attention reranker over CLIP token features. See the module docstring for the design.
 
     Typical use::
@@ -272,6 +316,9 @@ class Reranker(nn.Module):
         )
         # Added before the last LayerNorm, so the cached memory keeps the same layout and scale.
         self.patch_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.memory_dim)) if cfg.num_patches else None
+        # Optional reranker-owned image side (see RerankerConfig.local_channels), added like patch_pos.
+        self.local = LocalImageSide(cfg) if cfg.local_channels else None
+        self.local_proj = nn.Linear(cfg.local_channels, cfg.memory_dim) if cfg.local_channels else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, 1))
@@ -309,11 +356,17 @@ class Reranker(nn.Module):
 
     # -- image side (index time) --------------------------------------------------------------
 
-    def image_memory(self, image_tokens: Tensor) -> Tensor:
+    @property
+    def needs_pixels(self) -> bool:
+        """True when :meth:`image_memory` needs the image's pixels (a local image side)."""
+        return self.local is not None
+
+    def image_memory(self, image_tokens: Tensor, pixels: Tensor | None = None) -> Tensor:
         """Image-only part of the model: patch tokens [N, P, Di] -> memory [N, P, memory_dim].
 
         Depends on nothing but the image, so compute it once per image, cache it (fp16 is fine) and
-        pass it to :meth:`forward` at query time.
+        pass it to :meth:`forward` at query time. ``pixels`` [N, 3, S, S] (the encoder's
+        preprocessed input): required when the model has a local image side (:attr:`needs_pixels`).
         """
         if image_tokens.dim() != 3 or image_tokens.shape[-1] != self.config.image_dim:
             raise InputError(
@@ -329,7 +382,17 @@ class Reranker(nn.Module):
                 f"{self.config.num_patches}; use the encoder it was trained with"
             )
         norm_in, proj, norm_out = self.image_in
-        return norm_out(proj(norm_in(x)) + self.patch_pos)
+        x = proj(norm_in(x)) + self.patch_pos
+        if self.local is not None:
+            size = self.config.image_size
+            if pixels is None or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size) or len(pixels) != len(x):
+                got = None if pixels is None else list(pixels.shape)
+                raise InputError(
+                    f"this reranker has its own image side: image_memory needs the encoder's "
+                    f"preprocessed pixels [N, 3, {size}, {size}] with N = {len(x)}, got {got}"
+                )
+            x = x + self.local_proj(self.local(pixels.to(device=w.device, dtype=w.dtype)))
+        return norm_out(x)
 
     # -- query time ---------------------------------------------------------------------------
 

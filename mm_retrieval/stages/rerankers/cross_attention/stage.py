@@ -10,7 +10,6 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ....devices import autocast, autocast_dtype, check_device, check_precision, resolve_device
 from ....errors import ConfigError, InputError
 from ....query import Query
 from ....registry import register
@@ -29,15 +29,16 @@ from ...base import Reranker
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 @dataclass(frozen=True)
 class CrossAttentionConfig:
     checkpoint: str = ""  # a directory written by `mmr train-reranker`
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU
     chunk_size: int = 512  # (query, image) pairs in flight at once
+
+    def __post_init__(self) -> None:
+        check_device(self.device, where="reranker device")
+        check_precision(self.precision)
 
 
 @register("reranker", "cross_attention")
@@ -48,18 +49,21 @@ class CrossAttentionReranker(Reranker):
     needs_text_features = True
     can_explain = True
     reads_image_tokens = True
+    references = "a directory written by `mmr train-reranker TABLE --out DIR` (it holds reranker.json)"
+
+    @classmethod
+    def accepts(cls, ref: str) -> bool:
+        """A checkpoint directory of ours (or its ``reranker.json``: :data:`.checkpoint.META_FILE`,
+        not imported here, since that module imports torch)."""
+        p = Path(ref).expanduser()
+        return (p / "reranker.json").is_file() or (p.name == "reranker.json" and p.is_file())
 
     # ---- loading ---------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        import torch
-
-        from ....devices import resolve_device
         from .checkpoint import load_reranker
 
         if not self.config.checkpoint:
             raise ConfigError("the reranker needs a checkpoint: pass --rerank DIR (train one with `mmr train-reranker TABLE --out DIR`)")
-        if self.config.precision not in PRECISIONS:
-            raise ConfigError(f"unknown reranker precision {self.config.precision!r}; use {', '.join(PRECISIONS)}")
         if self.encoder is None or self.store is None:
             raise ConfigError(f"{self.label} needs its encoder and store: call bind(encoder=..., store=...) first (Pipeline does)")
         self.encoder.warm_up()
@@ -67,20 +71,19 @@ class CrossAttentionReranker(Reranker):
         self.model, self.meta = load_reranker(
             self.config.checkpoint, expected_encoder_fingerprint=self.encoder.fingerprint, device=self.device
         )
+        if self.model.needs_pixels:  # its memory needs pixels, which the index path does not hand it yet
+            raise ConfigError(
+                f"the reranker at {self.config.checkpoint!r} has its own image side (local_channels="
+                f"{self.model.config.local_channels}), which this stage cannot index or score with yet; "
+                "train one without local_channels (the default) to use it in a pipeline"
+            )
         self.fingerprint = _checkpoint_digest(Path(self.config.checkpoint))
-        self._dtype = None
-        if self.device != "cpu" and self.config.precision != "fp32":
-            bf16 = self.config.precision != "fp16" and torch.cuda.is_bf16_supported()
-            self._dtype = torch.bfloat16 if bf16 else torch.float16
+        self._dtype = autocast_dtype(self.device, self.config.precision)
 
     def autocast(self) -> Any:
-        """The precision the model runs in, as a context manager (autocast on CUDA, else none)."""
-        import torch
-
+        """The precision the model runs in (:func:`~mm_retrieval.devices.autocast_dtype`), as a context manager."""
         self.warm_up()
-        if self._dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self._dtype)
+        return autocast(self.device, self._dtype)
 
     # ---- the token cache -------------------------------------------------------------------
     @property
