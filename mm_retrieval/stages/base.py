@@ -260,6 +260,30 @@ class Encoder(Stage):
         return self.info()
 
 
+class SettingsFromConfig:
+    """For an :class:`Encoder` whose config has the run-time settings as fields (``batch_size``,
+    ``workers``, ``index_threads``, ``max_pixels``): the contract's properties return them. List it
+    before :class:`Encoder` among the bases."""
+
+    config: Any
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers
+
+    @property
+    def index_threads(self) -> int:
+        return self.config.index_threads
+
+    @property
+    def max_pixels(self) -> int:
+        return self.config.max_pixels
+
+
 class Store(Stage):
     """A collection of items (an image vector, a text vector, path, caption, metadata) that can
     be searched by vector with a filter.

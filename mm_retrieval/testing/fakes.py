@@ -38,7 +38,7 @@ import numpy as np
 from ..decode import DEFAULT_MAX_PIXELS
 from ..errors import ConfigError, IncompatibleError, InputError
 from ..registry import register
-from ..stages.base import Encoder, Store
+from ..stages.base import Encoder, SettingsFromConfig, Store
 from ..types import Hit
 from .filters import compile_filter
 
@@ -101,7 +101,7 @@ def _hashed_unit(key: str, dim: int) -> np.ndarray:
 
 
 @register("encoder", "hash")
-class HashEncoder(Encoder):
+class HashEncoder(SettingsFromConfig, Encoder):
     """Texts -> a vector seeded by their hash; images -> a fixed random projection of their
     pixels (so similar images get similar vectors). CPU only, no model files."""
 
@@ -117,23 +117,6 @@ class HashEncoder(Encoder):
     @property
     def dim(self) -> int:
         return int(self.config.dim)
-
-    # the contract's run-time settings, from this config
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def workers(self) -> int:
-        return self.config.workers
-
-    @property
-    def index_threads(self) -> int:
-        return self.config.index_threads
-
-    @property
-    def max_pixels(self) -> int:
-        return self.config.max_pixels
 
     @property
     def image_size(self) -> int:

@@ -32,7 +32,7 @@ from ...digest import check_tensor_checkpoint, file_digest
 from ...devices import autocast, autocast_dtype, check_device, check_precision, resolve_device
 from ...errors import ConfigError, ModelLoadError
 from ...registry import register
-from ..base import Encoder
+from ..base import Encoder, SettingsFromConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,11 @@ class OpenClipConfig:
 
 
 @register("encoder", "open_clip")
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(SettingsFromConfig, Encoder):
     """An open_clip model as an encoder stage."""
 
     Config = OpenClipConfig
     _autocast_dtype: Any = None  # set by warm_up: the dtype forwards run in (None: fp32)
-
-    # ---- run-time settings (the contract's, from this config) --------------------------------
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def workers(self) -> int:
-        return self.config.workers
-
-    @property
-    def index_threads(self) -> int:
-        return self.config.index_threads
-
-    @property
-    def max_pixels(self) -> int:
-        return self.config.max_pixels
 
     @property
     def image_size(self) -> int | None:
