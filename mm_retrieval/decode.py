@@ -307,6 +307,8 @@ class ImageFileDataset:
     ``known_ids``: ids already indexed; their files are hashed but not decoded.
     ``file_metadata``: read each file's own metadata into ``item.meta`` (from the header the
     decode parses anyway; for a known file from its header alone).
+    ``uint8``: open_clip's preprocessing stops at the uint8 crop (a quarter of the float's bytes
+    to send from a worker); the batch's consumer finishes it with :meth:`to_float`.
     """
 
     def __init__(
@@ -318,10 +320,13 @@ class ImageFileDataset:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         file_metadata: bool = True,
+        uint8: bool = False,
     ):
         self.paths = paths
         self.file_metadata = file_metadata
         self.transform = portable_transform(transform)  # what the workers unpickle: no open_clip class
+        if uint8:
+            self.transform = uint8_transform(self.transform)
         self.known_ids = known_ids
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
@@ -355,6 +360,11 @@ class ImageFileDataset:
             item.error = f"cannot preprocess image: {type(e).__name__}: {e}"
         return item
 
+    def to_float(self, pixels: Any) -> Any:
+        """A collated batch as the transform given to the constructor makes it: with ``uint8``, each
+        uint8 crop batch normalised (bit for bit what the worker would have sent); else as is."""
+        return batch_to_float(self.transform, pixels)
+
     def _preprocess(self, image: Any, meta: dict[str, Any]) -> Any:
         """The transform's output; with file metadata, the image's hash into ``meta``, taken from
         the transform's own resized image where that is large enough (the same model input bit
@@ -384,9 +394,15 @@ class ClipPreprocess:
     hash is taken from the resized image instead of the full-size decode (issue 26 item 5).
     Build it with :meth:`of`."""
 
-    def __init__(self, size: int, crop: tuple[int, int], resample: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, size: int, crop: tuple[int, int], resample: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 uint8: bool = False):
         self.size, self.crop, self.resample = size, crop, resample
         self.mean, self.std = tuple(mean), tuple(std)
+        self.uint8 = uint8  # stop at the uint8 crop [3, H, W]; :meth:`normalize` does the rest
+
+    def as_uint8(self) -> ClipPreprocess:
+        """The same preprocessing, stopping at the uint8 crop (see :meth:`normalize`)."""
+        return ClipPreprocess(self.size, self.crop, self.resample, self.mean, self.std, uint8=True)
 
     @classmethod
     def of(cls, transform: Any) -> ClipPreprocess | None:
@@ -438,7 +454,8 @@ class ClipPreprocess:
         return im if (new_w, new_h) == (w, h) else im.resize((new_w, new_h), self.resample)
 
     def finish(self, im: Any) -> Any:
-        """The steps after the resize: centre crop, RGB, float tensor [3, H, W], normalised."""
+        """The steps after the resize: centre crop, RGB, float tensor [3, H, W], normalised (with
+        ``uint8``: the uint8 tensor before ToTensor's scaling)."""
         import numpy as np
         import torch
 
@@ -447,6 +464,13 @@ class ClipPreprocess:
         top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)  # torchvision's center_crop
         im = im.crop((left, top, left + cw, top + ch)).convert("RGB")
         t = torch.from_numpy(np.array(im, np.uint8, copy=True)).view(ch, cw, 3).permute((2, 0, 1)).contiguous()
+        return t if self.uint8 else self.normalize(t)
+
+    def normalize(self, t: Any) -> Any:
+        """ToTensor's /255 and Normalize on uint8 [3, H, W] or a batch [n, 3, H, W]: the same
+        elementwise float32 ops in the same order, so a batch equals the per-image results exactly."""
+        import torch
+
         t = t.to(dtype=torch.float32).div(255)
         mean = torch.as_tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
@@ -462,6 +486,24 @@ def portable_transform(transform: Any) -> Any:
     if isinstance(transform, Transforms):
         return Transforms(*(portable_transform(t) for t in transform.transforms))
     return ClipPreprocess.of(transform) or transform
+
+
+def uint8_transform(transform: Any) -> Any:
+    """``transform`` with each :class:`ClipPreprocess` (also inside :class:`Transforms`) stopping
+    at its uint8 crop; :func:`batch_to_float` finishes a collated batch of its output."""
+    if isinstance(transform, Transforms):
+        return Transforms(*(uint8_transform(t) for t in transform.transforms))
+    return transform.as_uint8() if isinstance(transform, ClipPreprocess) else transform
+
+
+def batch_to_float(transform: Any, pixels: Any) -> Any:
+    """A collated batch of ``transform``'s output with each uint8 crop batch normalised
+    (member-wise for :class:`Transforms`); other outputs, and None, as they are."""
+    if pixels is None:
+        return None
+    if isinstance(transform, Transforms):
+        return tuple(batch_to_float(t, p) for t, p in zip(transform.transforms, pixels))
+    return transform.normalize(pixels) if isinstance(transform, ClipPreprocess) and transform.uint8 else pixels
 
 
 def split_resize(transform: Any) -> tuple[Any, _AfterResize] | None:

@@ -306,7 +306,7 @@ def _decode_cost(paths: list[Path], model: str) -> dict[str, float]:
         decode_ms = per_image(lambda: [transform(decode_image(p.read_bytes())) for p in paths], time.process_time)
         work = {}
         for meta in (True, False):
-            ds = ImageFileDataset([str(p) for p in paths], transform, file_metadata=meta)
+            ds = ImageFileDataset([str(p) for p in paths], transform, file_metadata=meta, uint8=True)  # as workers on a CPU
             work[meta] = per_image(lambda ds=ds: [ds[i] for i in range(len(ds))], time.process_time)
     finally:
         torch.set_num_threads(threads)

@@ -102,3 +102,37 @@ def test_clip_preprocess_is_open_clips_bit_for_bit(size):
             assert torch.equal(ours(im), transform(im)), (w, h, mode)
     assert ClipPreprocess.of(open_clip.image_transform(size, is_train=False, resize_mode="squash")) is None  # not ours: kept
     assert ClipPreprocess.of(lambda im: im) is None
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_uint8_batches_normalised_here_are_open_clips_bit_for_bit(size, tmp_path):
+    """Decoding workers on a CPU send uint8 crops; the batch normalised in the indexing process
+    equals open_clip's own preprocessing of each image exactly (also inside Transforms)."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    from mm_retrieval.decode import ImageFileDataset, Transforms, collate_items
+
+    transform = open_clip.image_transform(size, is_train=False)
+    rng = np.random.default_rng(size)
+    images, paths = [], []
+    for i, ((w, h), mode) in enumerate(zip([(size, size), (17, 5), (481, 1001), (3 * size, 2 * size + 1), (40, 300)],
+                                           ("RGB", "L", "RGBA", "P", "CMYK"))):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        paths.append(str(tmp_path / f"{i}.{'jpg' if mode in ('RGB', 'L', 'CMYK') else 'png'}"))
+        im.save(paths[-1], quality=95) if mode in ("RGB", "L", "CMYK") else im.save(paths[-1])
+        images.append(Image.open(paths[-1]))
+    expected = torch.stack([transform(im) for im in images])
+
+    ds = ImageFileDataset(paths, transform, file_metadata=False, uint8=True)
+    _, pixels = collate_items([ds[i] for i in range(len(ds))])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(paths), 3, size, size)  # what crosses the process boundary
+    out = ds.to_float(pixels)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    floats = ImageFileDataset(paths, transform, file_metadata=False)  # without uint8: floats, passed through
+    assert torch.equal(floats.to_float(collate_items([floats[i] for i in range(len(paths))])[1]), expected)
+
+    both = ImageFileDataset(paths, Transforms(transform, lambda im: torch.tensor(im.size)), file_metadata=False, uint8=True)
+    first, sizes = both.to_float(collate_items([both[i] for i in range(len(paths))])[1])
+    assert torch.equal(first, expected) and sizes.dtype == torch.int64  # a non-open_clip member: untouched
