@@ -16,7 +16,7 @@ import click
 
 from .errors import MMRError
 from .training.encoder import DEFAULTS as ENCODER_TRAIN
-from .training.reranker.config import DEFAULTS as RERANKER_TRAIN, OBJECTIVES as RERANKER_OBJECTIVES
+from .training.reranker.config import DEFAULTS as RERANKER_TRAIN, OBJECTIVES as RERANKER_OBJECTIVES, PHRASE_DIM
 
 log = logging.getLogger("mm_retrieval")
 
@@ -619,12 +619,17 @@ def train_encoder_cmd(table: str, out_dir: str, model: str, pretrained: str | No
 @click.option("--heads", type=int, help="Attention heads (default 4).")
 @click.option("--kv-heads", type=int, help="Key/value heads: 1 multi-query, = heads multi-head (default 1).")
 @click.option("--memory-dim", type=int, help="Cached width per image patch (default 128).")
+@click.option("--phrase-dim", type=int,
+              help="Phrase head width: the two phrases around a relation (\"a red circle LEFT OF a blue square\") each "
+                   "attend to the image on their own, and the relation says where the two must lie; 0 = none "
+                   f"(default {PHRASE_DIM} where the encoder's patches form a square grid).")
 @click.option("--seed", type=int, default=RERANKER_TRAIN.seed, show_default=True, help="Seeds the train/val split, the initial weights and the sampling of negatives.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
 def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, lr: float, weight_decay: float, negatives: int,
                        hard_pool: int, val_fraction: float, split_by: str, objective: str, patience: int, binding: bool, width: int | None,
-                       depth: int | None, heads: int | None, kv_heads: int | None, memory_dim: int | None, seed: int,
+                       depth: int | None, heads: int | None, kv_heads: int | None, memory_dim: int | None,
+                       phrase_dim: int | None, seed: int,
                        resume: bool, as_json: bool, **kwargs: Any) -> None:
     """Train the cross-attention reranker on TABLE's image-caption pairs.
 
@@ -641,7 +646,8 @@ def train_reranker_cmd(table: str, out_dir: str, epochs: int, batch_size: int, l
     pipe = _pipeline(opts)
     encoder = pipe.encoder
     encoder.warm_up()
-    arch = prune_none({"width": width, "depth": depth, "heads": heads, "kv_heads": kv_heads, "memory_dim": memory_dim})
+    arch = prune_none({"width": width, "depth": depth, "heads": heads, "kv_heads": kv_heads, "memory_dim": memory_dim,
+                       "phrase_dim": phrase_dim})
     res = train_reranker(table, out_dir, encoder=encoder, device=pipe.config.encoder.params.get("device", "auto"),
                          reranker_config=arch or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          negatives=negatives, hard_pool=hard_pool, val_fraction=val_fraction, patience=patience, seed=seed,

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parent / "models" / "demo"
 ENCODER_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "mmr_encoder.json")
 RERANKER_FILES = ("reranker.json", "model.safetensors")
+SHIPPED_MARK = "shipped.json"  # beside the copies of the shipped weights: their digests when copied
 EXAMPLE_K = 3  # hits shown per list in the before/after examples
 
 
@@ -122,6 +123,8 @@ def run_demo(
     else:
         say(f"[1/5] using the images in {lay.data}")
 
+    if not train and model is None:
+        _refresh_shipped_copies(lay, say)
     if model is not None:
         say(f"[2/5] using the encoder {model} {pretrained or ''}".rstrip())
         encoder: dict[str, Any] = {"model": model, **({"pretrained": pretrained} if pretrained else {})}
@@ -134,8 +137,7 @@ def run_demo(
         train_demo_encoder(lay.data, lay.encoder, sizes)
         encoder = {"model": str(lay.encoder)}
     else:
-        _copy_files(SHIPPED / "encoder", lay.encoder, ENCODER_FILES)
-        _copy_files(SHIPPED / "reranker", lay.reranker, RERANKER_FILES)
+        _copy_shipped(lay)
         say(f"[2/5] using the shipped encoder (mmr-tiny trained {sizes.encoder_epochs} epochs on these training captions "
             f"by `mmr demo --train`; copied to {lay.encoder}). `mmr demo --train` retrains it here (~50 min on 2 CPU cores)")
         encoder = {"model": str(lay.encoder)}
@@ -171,6 +173,8 @@ def run_demo(
     result("             R@1    R@5   R@10")
     for name, label in (("first_stage", "first stage"), ("reranked", "reranked")):
         result(f"{label:<11} " + " ".join(f"{v:6.3f}" for v in doc[name].values()))
+    # The reranker's measured effect, whatever its sign: it is what the demo exists to show.
+    result("gain        " + " ".join(f"{doc['reranked'][k] - v:+6.3f}" for k, v in doc["first_stage"].items()))
     if quick:
         result("(--quick: tiny models trained for seconds; these numbers mean nothing)")
 
@@ -251,6 +255,39 @@ def _shipped_available() -> bool:
         (SHIPPED / "reranker" / f).is_file() for f in RERANKER_FILES)
 
 
+def _refresh_shipped_copies(lay: Layout, say: Callable[[str], None]) -> None:
+    """Copy the shipped weights again where a demo folder holds untouched copies of older ones (a
+    newer package ships others). Copies changed since (a reranker retrained here) are left alone;
+    :data:`SHIPPED_MARK` records what was copied."""
+    mark = lay.encoder.parent / SHIPPED_MARK
+    try:
+        copied = json.loads(mark.read_text()) if mark.is_file() else None
+    except ValueError:
+        copied = {}
+    pairs = [(SHIPPED / part / n, lay.encoder.parent / part / n) for part, names in
+             (("encoder", ENCODER_FILES), ("reranker", RERANKER_FILES)) for n in names]
+    present = [(src, dst) for src, dst in pairs if dst.is_file()]
+    if not present or all(src.is_file() and _sha256(src) == _sha256(dst) for src, dst in present):
+        return
+    if copied is not None and any(copied.get(f"{dst.parent.name}/{dst.name}") != _sha256(dst) for _, dst in present):
+        return  # changed since they were copied: the user's own
+    _copy_shipped(lay)
+    say(f"      (this package ships other weights than the copies in {lay.encoder.parent}: copied them again)")
+
+
+def _copy_shipped(lay: Layout) -> None:
+    """Copy the shipped encoder and reranker into the demo folder, recording what was copied."""
+    _copy_files(SHIPPED / "encoder", lay.encoder, ENCODER_FILES)
+    _copy_files(SHIPPED / "reranker", lay.reranker, RERANKER_FILES)
+    digests = {f"{d.name}/{n}": _sha256(d / n) for d, names in ((lay.encoder, ENCODER_FILES), (lay.reranker, RERANKER_FILES))
+               for n in names if (d / n).is_file()}
+    (lay.encoder.parent / SHIPPED_MARK).write_text(json.dumps(digests, indent=1) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -279,13 +316,22 @@ def _training_note(path: Path) -> str:
 
 
 def _fresh_collection(pipe: Any, say: Callable[[str], None]) -> None:
-    """Drop the demo's collection if other weights built it (e.g. a previous version's demo)."""
+    """Drop the demo's collection if other weights built it (e.g. a previous version's demo) or
+    it was indexed for another reranker."""
     from .errors import IncompatibleError
+
+    from .tokencache import cache_path
 
     try:
         pipe.store.check_compatible(pipe.encoder.info())
     except IncompatibleError:
         say("      (the demo's collection was built with other weights: rebuilding it)")
+        pipe.store.drop()
+        return
+    # Indexed for another reranker (e.g. one retrained since): its image memory is not cached, and
+    # rebuilding the demo's collection takes seconds.
+    if pipe.store.count() and not cache_path(pipe.store.cache_dir(), pipe.reranker.memory_fingerprint).exists():
+        say("      (the demo's collection holds no image memory for this reranker: rebuilding it)")
         pipe.store.drop()
 
 

@@ -10,8 +10,8 @@ group and combination (as the demo does), and measures once per seed on the held
 * contrast-group accuracy: the caption's own scene first among its group's four scenes;
 * per contrast kind: own scene above its colour-swapped / relation-flipped / both twin (pairwise).
 
-Variants (:data:`VARIANTS`) name a recipe: the demo's, plus binding negatives and/or a local
-image side. ``--probe`` also fits a per-patch linear shape probe on the local image side's output
+Variants (:data:`VARIANTS`) name a recipe: the demo's without a phrase head, plus binding
+negatives, a local image side and/or the phrase head (``phrase``: ``RerankerConfig.phrase_dim``). ``--probe`` also fits a per-patch linear shape probe on the local image side's output
 (:mod:`.probe`'s labels and probe), the step-2 question "is shape now decodable per patch?".
 """
 
@@ -34,12 +34,14 @@ KINDS = {1: "colour_swap", 2: "relation_flip", 3: "swap_flip"}  # variant index 
 VARIANT_INDEX = {"base": 0, "colour_swap": 1, "relation_flip": 2, "swap_flip": 3}
 
 _BASE = {"lr": 1e-3, "negatives": 7, "hard_pool": 100, "patience": 4, "epochs": 10,
-         "reranker_config": {"width": 128, "heads": 2}}
+         "reranker_config": {"width": 128, "heads": 2, "phrase_dim": 0}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "demo": {**_BASE},
     "binding": {**_BASE, "binding": True},
-    "local": {**_BASE, "reranker_config": {"width": 128, "heads": 2, "local_channels": 64}},
-    "binding+local": {**_BASE, "binding": True, "reranker_config": {"width": 128, "heads": 2, "local_channels": 64}},
+    "local": {**_BASE, "reranker_config": {"width": 128, "heads": 2, "local_channels": 64, "phrase_dim": 0}},
+    "binding+local": {**_BASE, "binding": True, "reranker_config": {"width": 128, "heads": 2, "local_channels": 64, "phrase_dim": 0}},
+    "phrase": {**_BASE, "reranker_config": {"width": 128, "heads": 2, "phrase_dim": 64}},
+    "binding+phrase": {**_BASE, "binding": True, "reranker_config": {"width": 128, "heads": 2, "phrase_dim": 64}},
 }
 
 
@@ -129,7 +131,7 @@ def evaluate_test(model: Any, prep: dict[str, Any], depth: int = 100) -> dict[st
     sims = feats.text_emb[caps] @ feats.image_emb.T
     order = torch.sort(sims, dim=1, descending=True, stable=True).indices
     top = order[:, :depth]
-    scale = float(model.retrieval_scale)
+    scale = float(model.retrieval_scale.detach())
     with torch.no_grad():
         used = top.unique()
         mem = _memory(model, feats, used)
@@ -141,7 +143,7 @@ def evaluate_test(model: Any, prep: dict[str, Any], depth: int = 100) -> dict[st
             b = cand.shape[0]
             cc = torch.tensor(caps[s : s + b]).repeat_interleave(depth)
             heads.append(model(feats.text_tokens[cc], feats.text_mask[cc], mem[slot[cand.reshape(-1)]],
-                               torch.zeros(b * depth), pairs=True, chunk_size=1024).view(b, depth))
+                               torch.zeros(b * depth), pairs=True, chunk_size=1024, roles=_roles(model, feats, cc)).view(b, depth))
         head = torch.cat(heads)
     rer = torch.sort(scale * sims.gather(1, top) + head, dim=1, descending=True, stable=True).indices
     ranking = torch.cat([top.gather(1, rer), order[:, depth:]], 1)
@@ -153,6 +155,10 @@ def evaluate_test(model: Any, prep: dict[str, Any], depth: int = 100) -> dict[st
     out = {"first_stage": rk(order), "reranked": rk(ranking), "queries": len(caps)}
     out["contrast"] = _contrast_test(model, prep, test_rows, scale)
     return out
+
+
+def _roles(model, feats, caps):
+    return feats.text_roles[caps] if model.phrases is not None else None
 
 
 def _memory(model, feats, images):
@@ -181,7 +187,8 @@ def _contrast_test(model, prep, test_rows, scale) -> dict[str, Any]:
         m = torch.tensor(members)
         with torch.no_grad():
             first = feats.text_emb[cap] @ feats.image_emb[m].T
-            head = model(feats.text_tokens[[cap]], feats.text_mask[[cap]], _memory(model, feats, m), torch.zeros(len(m)))[0]
+            head = model(feats.text_tokens[[cap]], feats.text_mask[[cap]], _memory(model, feats, m), torch.zeros(len(m)),
+                         roles=_roles(model, feats, [cap]))[0]
         rer = scale * first + head
         own = members.index(img)
         first_ok += int(first.argmax()) == own
@@ -291,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         prep["feats"], prep["root"] = Features(**prep["feats"]), Path(prep["root"])
         prep["encoder"] = OpenClipEncoder({"model": str(DEMO_ENCODER), "device": "cpu", "workers": 0})
         prep["encoder"].warm_up()
+        if prep["feats"].text_roles is None:  # cached before the phrase head existed: prepare again
+            cached.unlink()
+            return main(argv)
     else:
         import torch
 

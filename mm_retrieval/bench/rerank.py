@@ -1,7 +1,8 @@
 """Suite ``rerank``: our cross-attention reranker against BLIP image-text matching, and cache sizes.
 
-**Ours**, a ViT-B-32-sized setup (text_dim 512, image_dim 768, P = 49 patches) with the default
-:class:`~mm_retrieval.stages.rerankers.cross_attention.model.RerankerConfig` and random weights,
+**Ours**, a ViT-B-32-sized setup (text_dim 512, image_dim 768, P = 49 patches) with the
+:class:`~mm_retrieval.stages.rerankers.cross_attention.model.RerankerConfig` ``train-reranker``
+makes by default (learned patch positions, the phrase head on the 7x7 grid) and random weights,
 run through the real ``reranker/cross_attention`` stage's public API: the query's text tokens from
 the ViT-B-32 text tower, each candidate's image memory read from a real on-disk
 :class:`~mm_retrieval.tokencache.TokenCache` per query (so cache I/O counts), the model. The first candidates are real generated images indexed
@@ -36,6 +37,7 @@ would cost, computed from the config and checked against real tensors and a real
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +139,7 @@ def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
     from ..pipeline import Pipeline
     from ..stages.rerankers.cross_attention.checkpoint import save_reranker
     from ..stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
+    from ..training.reranker.config import PHRASE_DIM
 
     db = str(workdir / "rerank.db")
     enc = {"model": sizes.encoder, "pretrained": "none", "workers": 1, "batch_size": 32}
@@ -152,7 +155,12 @@ def _setup(workdir: Path, device: str, sizes: RerankSizes) -> _Setup:
     ckpt = workdir / "rerank-ckpt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = CrossAttentionScorer(RerankerConfig(text_dim=dims["text_dim"], image_dim=dims["image_dim"]))
+        # What train-reranker makes by default: learned patch positions and, on a square patch
+        # grid, the phrase head (its two softmaxes over the patches per candidate are timed too).
+        grid = math.isqrt(dims["P"])
+        model = CrossAttentionScorer(RerankerConfig(text_dim=dims["text_dim"], image_dim=dims["image_dim"],
+                                                    num_patches=dims["P"],
+                                                    phrase_dim=PHRASE_DIM if grid * grid == dims["P"] else 0))
         with torch.no_grad():  # a non-zero head, as after training (same cost either way)
             model.head[-1].weight.normal_(0, 0.02)
     save_reranker(model, ckpt, encoder_fingerprint=encoder.fingerprint)

@@ -19,8 +19,9 @@ The recipe is ALBEF/BLIP's image-text matching with hard negatives from a frozen
    exactly as at inference and the head learns corrections on top of the first stage. With
    ``binding`` (:mod:`.negatives`, :mod:`.binding`), each caption's twins are always among its
    images, and a text-side term ranks its image's own caption above twin and rewritten captions;
-   the loss is the mean of the two terms. Not the default: it has not beaten the first stage yet
-   (benchmarks/RESULTS.md, issue #25).
+   the loss is the mean of the two terms. The default: together with the model's phrase head
+   (``RerankerConfig.phrase_dim``, on by default through :func:`.data.model_config`) it is what
+   lifts held-out relation flips from chance (benchmarks/RESULTS.md, issue #25).
 5. **Model selection** (:mod:`.loop`). Epoch 0 (the zero head, which ranks exactly like the first
    stage) is the baseline; after each epoch val is reranked and the best state by val R@1 (ties:
    MRR) is kept; training stops after ``patience`` epochs without improvement. If nothing beats

@@ -53,6 +53,10 @@ def add_binding_negatives(feats: Features, encoder: Any, captions: list[str], ma
             return torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[1])) if t.dim() == 3 else \
                 torch.nn.functional.pad(t, (0, n - t.shape[1]))
 
+        if feats.text_roles is not None:
+            from mm_retrieval.training.reranker.data import caption_roles
+
+            feats.text_roles = torch.cat([pad(feats.text_roles, L), pad(caption_roles(encoder, list(extra), mask), L)])
         feats.text_tokens = torch.cat([pad(feats.text_tokens, L), pad(tok, L)])
         feats.text_mask = torch.cat([pad(feats.text_mask, L), pad(mask, L)])
         feats.text_emb = torch.cat([feats.text_emb, emb])

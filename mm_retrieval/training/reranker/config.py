@@ -11,6 +11,11 @@ from mm_retrieval.errors import ConfigError
 
 OBJECTIVES = ("separate", "residual")
 
+# The phrase head's width (``RerankerConfig.phrase_dim``) a new reranker gets where the encoder's
+# patch tokens form a square grid: the relation term needs where each phrase was found
+# (benchmarks/RESULTS.md, issue #25). ``reranker_config={"phrase_dim": 0}`` trains without it.
+PHRASE_DIM = 64
+
 
 @dataclass(frozen=True)
 class RerankerTrainConfig:
@@ -54,7 +59,9 @@ class RerankerTrainConfig:
     # Negatives that need binding (.negatives): each caption's twins (same words, other binding:
     # word permutations, contrast-group mates) always among its images, and on the text side its
     # image against its twins' captions and captions rewritten by swapping attributes/objects.
-    binding: bool = False
+    # With the phrase head it is what lifts held-out relation flips from chance (benchmarks/
+    # RESULTS.md, issue #25); captions with neither train as without it.
+    binding: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split_by", tuple(self.split_by))

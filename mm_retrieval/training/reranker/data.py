@@ -7,6 +7,7 @@ caption once (token features, padding mask, embedding); all of it stays in memor
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mm_retrieval.errors import ConfigError, InputError
+from mm_retrieval.training.reranker.config import PHRASE_DIM
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,6 +108,8 @@ class Features:
     # image (for a reranker with its own image side), each caption's twins (caption ids) and its
     # rewritten captions (caption ids appended after the table's captions).
     row_group: list | None = None  # [R] the table's ``group`` value of each row, if it has one
+    # [C, L] int8 token roles for a phrase head (subject / object / relation words: .phrases)
+    text_roles: torch.Tensor | None = None
     image_paths: list[str] | None = None  # [I] each image's file
     captions: list[str] | None = None  # [C] each caption's text
     pixels: torch.Tensor | None = None  # [I, 3, S, S] float16
@@ -137,6 +141,7 @@ def encode(encoder: OpenClipEncoder, rows: pd.DataFrame, progress: bool) -> Feat
     row_caption = torch.tensor([cap_id[c] for c in rows["caption"]], dtype=torch.long)
     text_emb, text_tokens, text_mask = _encode_captions(encoder, captions)
     return Features(
+        text_roles=caption_roles(encoder, captions, text_mask),
         image_emb=torch.stack([image_emb[i] for i in order]),
         image_tokens=torch.stack([image_tokens[i] for i in order]),
         text_emb=text_emb,
@@ -195,6 +200,16 @@ def _encode_captions(encoder: OpenClipEncoder, captions: list[str]):
     return torch.cat(embs), torch.cat(toks)[:, :used].contiguous(), mask[:, :used].contiguous()
 
 
+def caption_roles(encoder: OpenClipEncoder, captions: list[str], mask: torch.Tensor) -> torch.Tensor:
+    """[C, L] int8 token roles of ``captions`` (:func:`~mm_retrieval.stages.rerankers.cross_attention.phrases.token_roles`),
+    aligned with their token ``mask`` [C, L]."""
+    import torch
+
+    from mm_retrieval.stages.rerankers.cross_attention.phrases import token_roles
+
+    return torch.from_numpy(token_roles(encoder.tokenizer, captions, mask.numpy()))
+
+
 def model_config(encoder: OpenClipEncoder, feats: Features, overrides: dict[str, Any] | None) -> RerankerConfig:
     """The reranker's architecture: token widths from the encoder, the rest from ``overrides``."""
     from mm_retrieval.stages.rerankers.cross_attention.model import RerankerConfig
@@ -204,6 +219,9 @@ def model_config(encoder: OpenClipEncoder, feats: Features, overrides: dict[str,
     # A learned position per patch: relations ("left of") need where a patch is, which deep ViT
     # tokens keep only faintly. ``num_patches=0`` in the overrides turns it off.
     overrides.setdefault("num_patches", int(feats.image_tokens.shape[1]))
+    grid = math.isqrt(overrides["num_patches"])
+    if overrides["num_patches"] and grid * grid == overrides["num_patches"]:  # where a phrase is found needs a grid
+        overrides.setdefault("phrase_dim", PHRASE_DIM)
     if overrides.get("local_channels"):  # a local image side reads the encoder's input pixels
         size = encoder.image_size
         if size is None:

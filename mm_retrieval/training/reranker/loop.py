@@ -188,13 +188,13 @@ class TrainLoop:
                 out = model(  # a zero first-stage score leaves the head's own logits
                     feats.text_tokens[caps].to(self.device), feats.text_mask[caps].to(self.device),
                     memory[slot[cand.reshape(-1)].to(self.device)],
-                    torch.zeros(b * K), pairs=True, chunk_size=1024,
+                    torch.zeros(b * K), pairs=True, chunk_size=1024, roles=self._roles(caps),
                 )
                 heads.append(out.view(b, K).cpu())
             head = torch.cat(heads)
             if fit_scale and self.objective == "separate":
                 self._fit_scale(first, head, top)
-            scale = float(model.retrieval_scale)
+            scale = float(model.retrieval_scale.detach())
             metrics = self._rank(scale * first + head, top)
             if self.val_twins is not None:
                 metrics["contrast"] = self._contrast(scale)
@@ -207,6 +207,12 @@ class TrainLoop:
         if self.model.needs_pixels:
             pixels = feats.pixels[images].to(dev).float()
         return self.model.image_memory(feats.image_tokens[images].to(dev).float(), pixels)
+
+    def _roles(self, caps: torch.Tensor) -> torch.Tensor | None:
+        """Token roles of captions ``caps`` for a phrase head (None without one)."""
+        if self.model.phrases is None or self.feats.text_roles is None:
+            return None
+        return self.feats.text_roles[caps].to(self.device)
 
     def _contrast(self, scale: float) -> float:
         """Val binding in isolation: the share of captions with twins whose own image the model
@@ -229,7 +235,7 @@ class TrainLoop:
             mem = self._memory(val.images[idx.reshape(-1)])
             first = val.sims[q, idx.reshape(-1)]
             logits = self.model(feats.text_tokens[caps].to(self.device), feats.text_mask[caps].to(self.device),
-                                mem, torch.zeros(len(q)), pairs=True, chunk_size=1024).cpu()
+                                mem, torch.zeros(len(q)), pairs=True, chunk_size=1024, roles=self._roles(caps)).cpu()
             logits = (logits + scale * first).view(len(chunk), width)
             right += int((logits.argmax(1) == 0).sum())  # ties and padding keep the own image first
         return right / len(qs)
@@ -342,7 +348,7 @@ class TrainLoop:
         caps = train.queries[q].repeat_interleave(C)
         logits = self.model(
             feats.text_tokens[caps].to(dev), feats.text_mask[caps].to(dev),
-            memory, score, pairs=True, chunk_size=B * C,
+            memory, score, pairs=True, chunk_size=B * C, roles=self._roles(caps),
         ).view(B, C)
         loss = F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=logits.device))
         if not self.binding:
@@ -363,7 +369,7 @@ class TrainLoop:
             tscore = (feats.text_emb[tcaps] @ feats.image_emb[img][:, :, None]).reshape(-1)
         tlogits = self.model(
             feats.text_tokens[tcaps.reshape(-1)].to(dev), feats.text_mask[tcaps.reshape(-1)].to(dev),
-            tmem, tscore, pairs=True, chunk_size=B * K,
+            tmem, tscore, pairs=True, chunk_size=B * K, roles=self._roles(tcaps.reshape(-1)),
         ).view(B, K)
         valid = torch.cat([torch.ones(B, 1, dtype=torch.bool), tc >= 0], 1).to(tlogits.device)
         tlogits = tlogits.masked_fill(~valid, float("-inf"))[has]

@@ -38,16 +38,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+# The English parse (noun phrases, relation phrases) is shared with the reranker's phrase head.
+from mm_retrieval.stages.rerankers.cross_attention.phrases import (
+    PUNCT,
+    RELATIONS,
+    TOKEN,
+    core_word,
+    noun_phrases,
+    relation_spans,
+)
 
 __all__ = ["KINDS", "RELATIONS", "rewrite_caption", "twin_lists", "word_key"]
-
-# Multi-word relations first, so "on top of" wins over "on".
-RELATIONS: tuple[str, ...] = (
-    "to the left of", "to the right of", "in front of", "on top of", "next to", "left of", "right of",
-    "above", "below", "under", "underneath", "over", "behind", "beside", "near", "on", "in", "inside",
-    "holding", "riding", "carrying", "wearing", "beneath", "against",
-)  # fmt: skip
 
 # Words of one kind that can stand in for each other (rule 3). Small and generic on purpose.
 KINDS: dict[str, frozenset[str]] = {
@@ -61,11 +63,7 @@ KINDS: dict[str, frozenset[str]] = {
     "count": frozenset("one two three four five six seven eight nine ten".split()),
 }
 
-_ARTICLES = frozenset({"a", "an", "the"})
-_STOPS = frozenset({"and", "with", "of", "while", "but", "them", "it", "each"})
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
-_TOKEN = re.compile(r"\S+")
-_PUNCT = re.compile(r"^(\W*)(.*?)(\W*)$")
 
 
 def word_key(caption: str) -> tuple[str, ...]:
@@ -95,55 +93,8 @@ def twin_lists(captions: Sequence[str], groups: Sequence[object] | None = None) 
     return out
 
 
-@dataclass
-class _Phrase:
-    start: int  # token index of the article
-    end: int  # token index of the noun (inclusive)
-
-
-def _core(token: str) -> str:
-    return _PUNCT.match(token).group(2).lower()  # type: ignore[union-attr]
-
-
-def _phrases(tokens: list[str]) -> list[_Phrase]:
-    """Noun phrases: an article, then words up to the noun (see the module docstring)."""
-    words = [_core(t) for t in tokens]
-    rel_starts = _relation_spans(words)
-    out, i = [], 0
-    while i < len(tokens):
-        if words[i] in _ARTICLES:
-            j = i
-            while j + 1 < len(tokens):
-                nxt = words[j + 1]
-                if nxt in _ARTICLES or nxt in _STOPS or (j + 1) in rel_starts or not nxt:
-                    break
-                j += 1
-                if tokens[j].endswith((",", ".", ";", ":")):
-                    break
-            if j > i:
-                out.append(_Phrase(i, j))
-            i = j + 1
-        else:
-            i += 1
-    return out
-
-
-def _relation_spans(words: list[str]) -> dict[int, int]:
-    """{start: end (exclusive)} of every relation phrase in ``words``, longest match first."""
-    spans, i = {}, 0
-    rels = [tuple(r.split()) for r in RELATIONS]
-    while i < len(words):
-        for r in rels:
-            if tuple(words[i : i + len(r)]) == r:
-                spans[i] = i + len(r)
-                i += len(r) - 1
-                break
-        i += 1
-    return spans
-
-
 def _replace_core(token: str, word: str) -> str:
-    pre, core, post = _PUNCT.match(token).groups()  # type: ignore[union-attr]
+    pre, core, post = PUNCT.match(token).groups()  # type: ignore[union-attr]
     if core[:1].isupper():
         word = word[:1].upper() + word[1:]
     return f"{pre}{word}{post}"
@@ -152,9 +103,9 @@ def _replace_core(token: str, word: str) -> str:
 def _fix_articles(tokens: list[str]) -> list[str]:
     out = list(tokens)
     for i in range(len(out) - 1):
-        core = _core(out[i])
+        core = core_word(out[i])
         if core in ("a", "an"):
-            nxt = _core(out[i + 1])
+            nxt = core_word(out[i + 1])
             want = "an" if nxt[:1] in set("aeiou") else "a"
             if want != core:
                 out[i] = _replace_core(out[i], want)
@@ -164,9 +115,9 @@ def _fix_articles(tokens: list[str]) -> list[str]:
 def rewrite_caption(caption: str) -> list[str]:
     """Captions with ``caption``'s words bound differently, by the three rules of the module
     docstring, in rule order, without duplicates and without the original."""
-    tokens = _TOKEN.findall(caption)
-    words = [_core(t) for t in tokens]
-    phrases = _phrases(tokens)
+    tokens = TOKEN.findall(caption)
+    words = [core_word(t) for t in tokens]
+    phrases = noun_phrases(tokens)
     found: list[list[str]] = []
 
     # 1. attributes at the same distance from the noun, between every two noun phrases
@@ -181,16 +132,16 @@ def rewrite_caption(caption: str) -> list[str]:
                     found.append(t)
 
     # 2. the noun phrases on either side of a relation trade places
-    rels = _relation_spans(words)
+    rels = relation_spans(words)
     for pa, pb in zip(phrases, phrases[1:]):
         if pa.end + 1 in rels and rels[pa.end + 1] == pb.start:
             left, right = tokens[pa.start : pa.end + 1], tokens[pb.start : pb.end + 1]
             # keep trailing punctuation where it was (e.g. "square," stays before the comma)
-            tail_l, tail_r = _PUNCT.match(left[-1]).group(3), _PUNCT.match(right[-1]).group(3)  # type: ignore[union-attr]
+            tail_l, tail_r = PUNCT.match(left[-1]).group(3), PUNCT.match(right[-1]).group(3)  # type: ignore[union-attr]
             left = left[:-1] + [left[-1][: len(left[-1]) - len(tail_l)] + tail_r]
             right = right[:-1] + [right[-1][: len(right[-1]) - len(tail_r)] + tail_l]
             rel = tokens[pa.end + 1 : pb.start]
-            right = [_replace_core(right[0], _core(right[0]))] + right[1:]
+            right = [_replace_core(right[0], core_word(right[0]))] + right[1:]
             if tokens[pa.start][:1].isupper():  # sentence case moves with the position
                 right[0] = right[0][:1].upper() + right[0][1:]
                 left[0] = left[0][:1].lower() + left[0][1:]

@@ -25,7 +25,8 @@ class RerankerTrainResult:
     """What :func:`train_reranker` produced.
 
     ``val`` has ``first_stage`` and ``reranked`` metric dicts (``R@1``, ``R@5``, ``R@10``, ``MRR``
-    over the val captions; ``reranked`` is the shipped model's) plus ``queries``, ``images`` and
+    over the val captions, and ``contrast`` -- own image above its twins' -- where captions have
+    twins; ``reranked`` is the shipped model's) plus ``queries``, ``images`` and
     ``depth`` (candidates reranked per caption). ``history`` has one dict per epoch, starting with
     epoch 0 (the untrained model, ``loss`` None): ``epoch``, ``loss`` (mean training loss) and the
     reranked val metrics. ``best_epoch`` 0 means the shipped model is the initial one, which ranks
@@ -200,8 +201,11 @@ def train_reranker(
                  lambda: write_state(state_path, loop.state(), signature))
 
     best = loop.best_model()
+    first_stage = dict(loop.first_stage_metrics)
+    if "contrast" in loop.history[0]:  # epoch 0 ranks exactly like the first stage
+        first_stage["contrast"] = loop.history[0]["contrast"]
     val_report = {
-        "first_stage": loop.first_stage_metrics,
+        "first_stage": first_stage,
         "reranked": loop.best_metrics,
         "queries": len(val.queries),
         "images": len(val.images),

@@ -61,6 +61,61 @@ def test_quick_demo_runs_offline_and_says_its_numbers_mean_nothing(tmp_path):
     doc = json.loads((quick / "eval.json").read_text())
     r1 = f"first stage {doc['first_stage']['R@1']:6.3f}"
     assert r1 in again.stdout and "reranked " in again.stdout and "Try your own queries" in again.stdout
+    gain = doc["reranked"]["R@1"] - doc["first_stage"]["R@1"]
+    assert f"gain        {gain:+6.3f}" in again.stdout  # the reranker's measured effect, signed
     assert again.stdout.count("first stage (cosine):") == 3
     assert "[4/5]" in again.stderr and "[4/5]" not in again.stdout
     assert r1 not in again.stderr
+
+
+def test_older_copies_of_the_shipped_weights_are_replaced_and_a_reranker_trained_here_is_kept(tmp_path):
+    """A demo folder from an older package holds copies of older shipped weights: the next run
+    copies the package's again. A reranker retrained in the folder is the user's: left alone."""
+    from mm_retrieval.demo import SHIPPED_MARK, Layout, _copy_shipped, _refresh_shipped_copies
+
+    models = tmp_path / "models"
+    lay = Layout(tmp_path / "data", models / "encoder", models / "reranker", tmp_path / "mmr.db", "demo")
+    said: list[str] = []
+    _copy_shipped(lay)
+    shipped = (SHIPPED / "reranker" / "reranker.json").read_bytes()
+    assert json.loads((models / SHIPPED_MARK).read_text())["reranker/reranker.json"]
+    _refresh_shipped_copies(lay, said.append)
+    assert said == []  # up to date: nothing to do
+
+    (lay.reranker / "reranker.json").write_text("{}")  # changed after the copy: trained here
+    _refresh_shipped_copies(lay, said.append)
+    assert said == [] and (lay.reranker / "reranker.json").read_text() == "{}"
+
+    (models / SHIPPED_MARK).unlink()  # a folder from before the mark: its copies came from a package
+    _refresh_shipped_copies(lay, said.append)
+    assert (lay.reranker / "reranker.json").read_bytes() == shipped and "copied them again" in said[0]
+
+
+def test_a_collection_indexed_for_another_reranker_is_rebuilt(tmp_path, image_folder):
+    """A reranker retrained in the demo folder finds the collection holding the old one's image
+    memory: the demo rebuilds it (seconds) instead of failing at evaluation."""
+    import torch
+
+    from mm_retrieval import Pipeline
+    from mm_retrieval.demo import _fresh_collection
+    from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
+    from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
+    from tests.helpers import TINY
+
+    enc, db = {**TINY, "workers": 0}, str(tmp_path / "mmr.db")
+    fp = Pipeline(db=db, encoder=enc).encoder.fingerprint
+    for name, seed in (("old", 0), ("new", 1)):
+        torch.manual_seed(seed)
+        model = CrossAttentionScorer(RerankerConfig(text_dim=64, image_dim=64, width=64, heads=2, memory_dim=32))
+        save_reranker(model, tmp_path / name, encoder_fingerprint=fp)
+    old = Pipeline(db=db, encoder=enc, reranker=str(tmp_path / "old"))
+    old.index(image_folder, progress=False)
+    said: list[str] = []
+    _fresh_collection(old, said.append)
+    assert said == [] and old.store.count() > 0  # its own reranker's memory is there: kept
+
+    new = Pipeline(db=db, encoder=enc, reranker=str(tmp_path / "new"))
+    _fresh_collection(new, said.append)
+    assert "rebuilding" in said[0] and new.store.count() == 0
+    new.index(image_folder, progress=False)
+    assert new.search("a purple picture", k=3).reranked  # the new reranker's memory is cached now

@@ -16,6 +16,7 @@ from mm_retrieval.stages.base import Reranker as RerankerStage
 from mm_retrieval.stages.rerankers.cross_attention import CrossAttentionReranker
 from mm_retrieval.stages.rerankers.cross_attention.checkpoint import save_reranker
 from mm_retrieval.stages.rerankers.cross_attention.model import CrossAttentionScorer, RerankerConfig
+from mm_retrieval.stages.rerankers.cross_attention.phrases import token_roles
 from mm_retrieval.tokencache import TokenCache, caches_in, raw_cache_path
 from mm_retrieval.types import Hit
 from tests.helpers import COLORS, TINY
@@ -228,6 +229,45 @@ def test_a_checkpoint_with_its_own_image_side_is_refused_clearly(tmp_path, index
     pipe = Pipeline(db=db, reranker=str(tmp_path / "rr"))
     with pytest.raises(ConfigError, match="own image side"):
         pipe.search("a purple picture", k=5)
+
+
+def test_a_phrase_head_reads_the_roles_of_the_querys_words(tmp_path, indexed):
+    # The phrase head needs which query tokens name the subject, the object and the relation;
+    # the stage finds them from the query's text (phrases.token_roles) on every scoring path.
+    db, fp = indexed
+    torch.manual_seed(0)
+    model = CrossAttentionScorer(RerankerConfig(text_dim=64, image_dim=64, width=64, heads=2, memory_dim=32,
+                                                num_patches=64, phrase_dim=16))
+    with torch.no_grad():  # a "trained" phrase head: it no longer adds zero
+        model.phrases.direction.weight.normal_(0, 5.0)
+        model.phrases.match.fill_(3.0)
+    save_reranker(model, tmp_path / "rr", encoder_fingerprint=fp)
+    pipe = Pipeline(db=db, reranker=str(tmp_path / "rr"))
+    text = "a purple circle left of a green square"
+    hits = pipe.search(text, k=len(COLORS), candidates=len(COLORS), rerank=False).hits
+    rr = pipe.reranker
+    rr.warm_up()
+    q, other = Query(text, pipe.encoder), Query("a red square", pipe.encoder)
+    got = rr.score(q, hits)
+
+    feats = q.text_features()
+    mask = feats.mask[None].cpu()
+    roles = torch.from_numpy(token_roles(pipe.encoder.tokenizer, [text], mask.numpy()))
+    assert set(roles.unique().tolist()) == {0, 1, 2, 3}
+    memory = torch.from_numpy(rr.memories([h.id for h in hits]))
+    retrieval = torch.tensor([h.first_stage_image_score for h in hits])
+    with torch.no_grad():
+        want = rr.model(feats.tokens[None].cpu(), mask, memory, retrieval, roles=roles)[0].numpy()
+        without = rr.model(feats.tokens[None].cpu(), mask, memory, retrieval)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, without, atol=1e-3)  # the roles reached the head
+    batched = rr.score_batch([(q, hits), (other, hits[:3])])  # the pairs layout, two queries
+    np.testing.assert_allclose(batched[0], got, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batched[1], rr.score(other, hits[:3]), rtol=1e-4, atol=1e-4)
+    att = rr.attention_maps(q, hits[0])
+    assert att.score == pytest.approx(float(got[0]), rel=1e-4)
+    ranked = pipe.search(text, k=len(COLORS), candidates=len(COLORS))
+    assert {h.id: h.score for h in ranked.hits} == pytest.approx({h.id: float(s) for h, s in zip(hits, got)}, rel=1e-4)
 
 
 class FirstStageOrder(RerankerStage):

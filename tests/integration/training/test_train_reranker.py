@@ -83,7 +83,8 @@ def test_split_and_val_metrics(trained):
     # Val captions search the whole table's 400 images, as they would in a collection.
     assert (val["queries"], val["images"], val["depth"]) == (40, 400, 100)
     for side in ("first_stage", "reranked"):
-        assert set(val[side]) == {"R@1", "R@5", "R@10", "MRR"}
+        # contrast: own image above its contrast-group twins' (binding negatives, the default)
+        assert set(val[side]) == {"R@1", "R@5", "R@10", "MRR", "contrast"}
         assert all(0.0 <= v <= 1.0 for v in val[side].values())
     # Epoch 0 is the untrained model, whose zero head ranks exactly like the first stage.
     assert trained.history[0]["epoch"] == 0 and trained.history[0]["loss"] is None

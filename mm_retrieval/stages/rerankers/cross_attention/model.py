@@ -71,12 +71,20 @@ class RerankerConfig:
     # flat colour; benchmarks/RESULTS.md, issue #25); the stem's receptive field spans whole objects.
     local_channels: int = 0
     image_size: int = 0  # input side of the local image side, in pixels (the encoder's)
+    # A phrase head (:class:`PhraseHead`) of this width: the two noun phrases around a relation
+    # each attend to the patches on their own, and the relation's words say along which direction
+    # the two attention centroids must lie. 0 = none. Why: a pooled first stage is at chance on
+    # "A left of B" vs "B left of A", and a pair-level head did not learn it from a few thousand
+    # captions (benchmarks/RESULTS.md, issue #25); per phrase it generalises to unseen pairs.
+    phrase_dim: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("local_channels", "image_size"):
+        for name in ("local_channels", "image_size", "phrase_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"reranker config: {name} must be an integer >= 0, got {value!r}")
+        if self.phrase_dim and (not self.num_patches or math.isqrt(self.num_patches) ** 2 != self.num_patches):
+            raise ConfigError("reranker config: phrase_dim needs num_patches (a square patch grid)")
         if self.local_channels and (not self.num_patches or not self.image_size):
             raise ConfigError(
                 "reranker config: local_channels needs num_patches (a square patch grid) and image_size"
@@ -290,6 +298,64 @@ class LocalImageSide(nn.Module):
         return self.at_grid(x).flatten(2).transpose(1, 2)  # [N, g*g, C], row-major like ViT patches
 
 
+class PhraseHead(nn.Module):
+    """Per-phrase attention and a relation term over where it lands.
+
+    Roles (:mod:`.phrases`) mark the query's subject phrase (1), object phrase (2) and relation
+    words (3). Each phrase, pooled over its tokens, attends to the candidate's patches on its own
+    (one softmax over the patches); the attention's centroid on the patch grid is where the phrase
+    was found, and the log-mean-exp of its logits how well. The score is::
+
+        match * (found_1 + found_2) + direction(relation words) . (centroid_1 - centroid_2)
+
+    ``direction`` is a learned 2-vector per relation wording ("left of" learns to point left), so
+    the head knows "which object is where" for any pair of phrases whose words it has seen, also
+    pairs never seen together. ``match`` and ``direction`` start at zero: a fresh head adds nothing.
+    """
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        d, g = cfg.phrase_dim, math.isqrt(cfg.num_patches)
+        self.ln = nn.LayerNorm(cfg.width)
+        self.q = nn.Linear(cfg.width, d)
+        self.k = nn.Linear(cfg.memory_dim, d)
+        self.direction = nn.Linear(cfg.width, 2)
+        self.match = nn.Parameter(torch.zeros(()))
+        nn.init.zeros_(self.direction.weight)
+        nn.init.zeros_(self.direction.bias)
+        # Patch centres in [-1, 1], x to the right and y down, row-major like ViT patches.
+        axis = torch.linspace(-1.0, 1.0, g) if g > 1 else torch.zeros(1)
+        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("grid", torch.stack([xx.flatten(), yy.flatten()], -1), persistent=False)  # [P, 2]
+
+    def forward(self, x: Tensor, roles: Tensor, memory: Tensor, pairs: bool) -> Tensor:
+        """x [B, L, W] projected text tokens, roles [B, L], memory [N, P, M] -> [N] if ``pairs``
+        (B == N) else [B, N]."""
+        h = self.ln(x)
+
+        def pooled(role: int) -> tuple[Tensor, Tensor]:
+            m = (roles == role).to(h.dtype)[..., None]  # [B, L, 1]
+            n = m.sum(1)  # [B, 1]
+            return (h * m).sum(1) / n.clamp(min=1.0), (n[:, 0] > 0).to(h.dtype)
+
+        (p1, ok1), (p2, ok2), (rel, ok_rel) = pooled(1), pooled(2), pooled(3)
+        q = self.q(torch.stack([p1, p2], 1))  # [B, 2, d]
+        k = self.k(memory)  # [N, P, d]
+        scale = q.shape[-1] ** -0.5
+        if pairs:
+            logits = torch.einsum("bkd,bpd->bkp", q, k) * scale  # [N, 2, P]
+        else:
+            logits = torch.einsum("bkd,npd->bnkp", q, k) * scale  # [B, N, 2, P]
+        centroid = logits.softmax(-1) @ self.grid.to(logits.dtype)  # [..., 2, 2]
+        found = logits.logsumexp(-1) - math.log(logits.shape[-1])  # [..., 2]
+        ok = torch.stack([ok1, ok2], -1)  # [B, 2]
+        direction = self.direction(rel) * ok_rel[:, None]  # [B, 2]: zero without relation words
+        if not pairs:
+            ok, direction = ok[:, None], direction[:, None]
+        relation = ((centroid[..., 0, :] - centroid[..., 1, :]) * direction).sum(-1) * ok.prod(-1)
+        return self.match * (found * ok).sum(-1) + relation
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 
@@ -319,6 +385,7 @@ class CrossAttentionScorer(nn.Module):
         # Optional reranker-owned image side (see RerankerConfig.local_channels), added like patch_pos.
         self.local = LocalImageSide(cfg) if cfg.local_channels else None
         self.local_proj = nn.Linear(cfg.local_channels, cfg.memory_dim) if cfg.local_channels else None
+        self.phrases = PhraseHead(cfg) if cfg.phrase_dim else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(), nn.Linear(cfg.width, 1))
@@ -330,6 +397,8 @@ class CrossAttentionScorer(nn.Module):
         # Residual scoring: the correction starts at exactly zero.
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        if self.phrases is not None:  # the phrase head's relation term starts at zero too
+            nn.init.zeros_(self.phrases.direction.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -406,6 +475,7 @@ class CrossAttentionScorer(nn.Module):
         pairs: bool = False,
         chunk_size: int = 512,
         return_attention: bool = False,
+        roles: Tensor | None = None,
     ):
         """Score queries against candidate images.
 
@@ -420,6 +490,8 @@ class CrossAttentionScorer(nn.Module):
             return_attention: also return per-layer cross-attention weights (text token -> patch),
                 a list of ``depth`` tensors [B, N, H, L, P] ([N, H, L, P] if ``pairs``). Rows of
                 padding tokens are zero; the other rows sum to 1. Computed explicitly, so slower.
+            roles: [B, L] int token roles for the phrase head (:func:`.phrases.token_roles`);
+                ignored without one. None: no phrases, the phrase head adds nothing.
 
         Returns:
             float32 logits ``retrieval_scale * retrieval_score + head(features)``, or
@@ -427,6 +499,8 @@ class CrossAttentionScorer(nn.Module):
         """
         w = self._weight()
         B, L = self._check(text_tokens, text_mask, memory, retrieval_score, pairs, chunk_size)
+        if roles is not None and tuple(roles.shape) != (B, L):
+            raise InputError(f"roles must be [B, L] = {[B, L]} like text_mask, got {list(roles.shape)}")
         N = memory.shape[0]
         text_mask = text_mask.to(device=w.device).bool()
         memory = memory.to(device=w.device, dtype=w.dtype)
@@ -456,6 +530,9 @@ class CrossAttentionScorer(nn.Module):
                 maps.append(att)
             head = torch.cat(heads, 1) if heads else score.new_zeros(B, 0)  # [B, N]
 
+        if self.phrases is not None and roles is not None:
+            roles = roles[:, :L_used].to(device=w.device)
+            head = head + self.phrases(x, roles, memory, pairs).to(head.dtype)
         logits = self.retrieval_scale.float() * score + head.float()
         if not return_attention:
             return logits

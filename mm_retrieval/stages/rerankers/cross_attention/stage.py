@@ -26,6 +26,7 @@ from ....registry import register
 from ....tokencache import TokenCache, TokenWriter, cache_path, open_raw_cache
 from ....types import AttentionMaps, Hit
 from ...base import Reranker
+from .phrases import token_roles, word_positions
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class CrossAttentionReranker(Reranker):
             logits = self.model(
                 tokens, mask, memory.to(self.device),
                 torch.as_tensor(np.asarray(retrieval, dtype=np.float32), device=self.device),
-                chunk_size=self.config.chunk_size,
+                chunk_size=self.config.chunk_size, roles=self._roles([query], mask),
             )
         return logits[0].float().cpu().numpy()
 
@@ -212,6 +213,7 @@ class CrossAttentionReranker(Reranker):
         queries = list({q.text: q for q, _ in requests}.values())
         row_of = {q.text: i for i, q in enumerate(queries)}
         tokens, mask = self._text(queries)
+        roles = self._roles(queries, mask)
         hits = [h for _, hs in requests for h in hs]
         rows = torch.as_tensor(np.repeat([row_of[q.text] for q, _ in requests], sizes), device=self.device)
         memory = torch.from_numpy(self._memory(hits, image_tokens)).to(self.device)
@@ -222,7 +224,7 @@ class CrossAttentionReranker(Reranker):
             for s in range(0, len(hits), step):
                 r = rows[s : s + step]
                 out.append(self.model(tokens[r], mask[r], memory[s : s + step], retrieval[s : s + step],
-                                      pairs=True, chunk_size=step).float())
+                                      pairs=True, chunk_size=step, roles=None if roles is None else roles[r]).float())
         logits = torch.cat(out).cpu().numpy().astype(np.float64)
         return np.split(logits, np.cumsum(sizes)[:-1])
 
@@ -245,6 +247,7 @@ class CrossAttentionReranker(Reranker):
             logits, layers = self.model(
                 tokens, mask, torch.from_numpy(memory).to(self.device),
                 torch.tensor([retrieval], dtype=torch.float32, device=self.device), return_attention=True,
+                roles=self._roles([query], mask),
             )
         att = torch.stack([m[0, 0] for m in layers]).float().cpu().numpy()  # [layers, H, L, P]
         P = att.shape[-1]
@@ -271,6 +274,16 @@ class CrossAttentionReranker(Reranker):
         tokens = torch.stack([f.tokens[:used] for f in feats]).to(self.device)
         return tokens, mask[:, :used]
 
+    def _roles(self, queries: Sequence[Query], mask: Any) -> Any:
+        """[B, L] token roles of the queries for the model's phrase head (:mod:`.phrases`), on
+        its device; None when the model has none."""
+        import torch
+
+        if self.model.phrases is None:
+            return None
+        roles = token_roles(self.encoder.tokenizer, [q.text for q in queries], mask.cpu().numpy())
+        return torch.from_numpy(roles).to(self.device)
+
     def _memory(self, hits: Sequence[Hit], image_tokens: Mapping[str, np.ndarray] | None) -> np.ndarray:
         """[N, P, M] memory of ``hits``: projected from ``image_tokens`` where given, else cached."""
         inline = [i for i, h in enumerate(hits) if image_tokens and h.id in image_tokens]
@@ -289,15 +302,9 @@ def word_spans(tokenizer: Any, text: str, n_tokens: int) -> list[tuple[str, list
     """Group token positions (1..n_tokens, after the start token) by word of ``text``. Falls back
     to one entry per token when the tokenizer can't encode words one at a time."""
     words = text.split()
-    if hasattr(tokenizer, "encode"):
-        spans, pos = [], 1
-        for w in words:
-            n = len(tokenizer.encode(w))
-            if n:
-                spans.append((w, list(range(pos, pos + n))))
-                pos += n
-        if spans and spans[-1][1][-1] <= n_tokens:
-            return spans
+    positions = word_positions(tokenizer, words, n_tokens)
+    if positions is not None and any(positions):
+        return [(w, pos) for w, pos in zip(words, positions) if pos]
     return [(f"token {i}", [i]) for i in range(1, n_tokens + 1)]
 
 
