@@ -125,6 +125,7 @@ def _cache_precision(pipe: Any, table: Path) -> dict[str, Any]:
 
     from ..encoding import ImageEncoding, encode_files
     from ..evaluation import load_queries, recall
+    from ..stages.rerankers.cross_attention.phrases import token_roles
 
     reranker, encoder, store = pipe.reranker, pipe.encoder, pipe.store
     reranker.warm_up()
@@ -144,12 +145,15 @@ def _cache_precision(pipe: Any, table: Path) -> dict[str, Any]:
     for caption, hits in zip(captions, first):
         ids = [h.id for h in hits]
         _, text, mask = encoder.encode_text_tokens([caption])
+        roles = None  # the phrase head's token roles, as the stage computes them
+        if model.phrases is not None:
+            roles = torch.from_numpy(token_roles(encoder.tokenizer, [caption], mask.cpu().numpy())).to(device)
         retrieval = torch.tensor([h.retrieval_score for h in hits], dtype=torch.float32, device=device)
         mem16 = torch.from_numpy(reranker.memories(ids)).to(device)
         with torch.inference_mode():
             mem32 = model.image_memory(torch.from_numpy(np.stack([raw[i] for i in ids])).to(device).float())
             for mem, out in ((mem16, ranked16), (mem32, ranked32)):
-                logits = model(text.to(device), mask.to(device), mem.float(), retrieval)[0].float().cpu().numpy()
+                logits = model(text.to(device), mask.to(device), mem.float(), retrieval, roles=roles)[0].float().cpu().numpy()
                 order = np.argsort(-logits, kind="stable")
                 out.append([ids[k] for k in order[:10]])
     cache = reranker.memory_cache()
