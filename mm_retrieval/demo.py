@@ -266,10 +266,11 @@ def _refresh_shipped_copies(lay: Layout, say: Callable[[str], None]) -> None:
         copied = {}
     pairs = [(SHIPPED / part / n, lay.encoder.parent / part / n) for part, names in
              (("encoder", ENCODER_FILES), ("reranker", RERANKER_FILES)) for n in names]
-    present = [(src, dst) for src, dst in pairs if dst.is_file()]
-    if not present or all(src.is_file() and _sha256(src) == _sha256(dst) for src, dst in present):
+    present = {dst: (src, _sha256(dst)) for src, dst in pairs if dst.is_file()}  # each copy read once
+    if not present or all(src.is_file() and _sha256(src) == digest for src, digest in present.values()):
         return
-    if copied is not None and any(copied.get(f"{dst.parent.name}/{dst.name}") != _sha256(dst) for _, dst in present):
+    if copied is not None and any(copied.get(f"{dst.parent.name}/{dst.name}") != digest
+                                  for dst, (_, digest) in present.items()):
         return  # changed since they were copied: the user's own
     _copy_shipped(lay)
     say(f"      (this package ships other weights than the copies in {lay.encoder.parent}: copied them again)")
